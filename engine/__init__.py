@@ -1,0 +1,1 @@
+"""Task-independent training machinery: devices and precision, optimisation, checkpoints, errors."""

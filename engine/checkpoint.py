@@ -1,0 +1,88 @@
+"""Checkpoints: a standard Hugging Face model directory plus a separate training-state file.
+
+The model directory (safetensors weights, config, tokenizer) loads with `from_pretrained` or
+`transformers.pipeline`. `training_state.pt` holds everything else a resumed run needs. It holds
+only tensors and plain Python values, so it loads with `weights_only=True` (no arbitrary pickle).
+
+A save writes a temporary directory and renames it into place: if the process dies mid-save, the
+previous checkpoint is intact (at worst under the name `<dir>.old`, which `find_checkpoint` uses).
+"""
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import UserError
+
+TRAINING_STATE = "training_state.pt"
+RUN_CONFIG = "run_config.json"  # the task settings that inference must reuse (window size, ...)
+
+
+def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, training_state: dict | None = None) -> None:
+    directory = Path(directory)
+    temporary = directory.with_name(f"{directory.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    (temporary / RUN_CONFIG).write_text(json.dumps(run_config, indent=2))
+    if training_state is not None:
+        torch.save(training_state, temporary / TRAINING_STATE)
+    previous = directory.with_name(f"{directory.name}.old")
+    if directory.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(directory, previous)
+    os.replace(temporary, directory)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def find_checkpoint(directory: Path) -> Path:
+    """The checkpoint at `directory`, or its previous version if a save was interrupted."""
+    directory = Path(directory)
+    for candidate in (directory, directory.with_name(f"{directory.name}.old")):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"{directory}: no checkpoint there (expected a model directory with config.json)")
+
+
+def load_run_config(directory: Path) -> dict:
+    path = Path(directory) / RUN_CONFIG
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: unreadable run configuration ({error})") from None
+
+
+def load_training_state(directory: Path) -> dict:
+    path = Path(directory) / TRAINING_STATE
+    if not path.is_file():
+        raise UserError(f"{directory}: has no {TRAINING_STATE}, so it cannot be resumed (it is a model-only checkpoint)")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a damaged file is the user's to fix, report it in one line
+        raise UserError(f"{path}: cannot be loaded ({type(error).__name__}: {error})") from None
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

