@@ -1,4 +1,6 @@
 """Batches: which features go together (the training order) and how they are padded."""
+import collections
+
 import numpy as np
 import torch
 
@@ -10,10 +12,11 @@ class TrainBatches:
     batches already consumed to continue exactly where it stopped.
 
     With `group_by_length`, batches hold features of similar length, so dynamic padding wastes
-    almost nothing. Plain length sorting also puts questions on the same paragraph (nearly equal
-    lengths) into one batch, which hurts accuracy; so features of a paragraph are first spread
-    evenly over the epoch, then sorted by length only inside mega-batches of `mega_batches`
-    batches, and finally the batches are shuffled.
+    almost nothing. Plain length sorting would also put the questions on one paragraph (nearly
+    equal lengths) into the same batch, which hurts accuracy; so each batch takes at most one
+    feature per paragraph, looking a few batches ahead in length order for replacements.
+    Randomness comes from shuffling before sorting within mega-batches of `mega_batches`
+    batches, and from shuffling the finished batches.
     """
 
     def __init__(self, lengths, paragraph_ids, batch_size: int, seed: int, group_by_length: bool, mega_batches: int = 32):
@@ -25,33 +28,39 @@ class TrainBatches:
         self.mega_batches = mega_batches
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        return len(self.for_epoch(0))
 
     def for_epoch(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
         if not self.group_by_length:
-            order = rng.permutation(len(self.lengths))
             return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        order = self._spread_paragraphs(rng)
         mega = self.batch_size * self.mega_batches
         batches = []
         for i in range(0, len(order), mega):
             chunk = order[i : i + mega]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [chunk[j : j + self.batch_size].tolist() for j in range(0, len(chunk), self.batch_size)]
+            batches += self._distinct_paragraph_batches(chunk[np.argsort(self.lengths[chunk], kind="stable")].tolist())
         return [batches[i] for i in rng.permutation(len(batches))]
 
-    def _spread_paragraphs(self, rng) -> np.ndarray:
-        """A random order in which the k features of a paragraph sit about len/k positions apart."""
-        _, inverse, counts = np.unique(self.paragraph_ids, return_inverse=True, return_counts=True)
-        rank = np.empty(len(inverse), dtype=np.int64)  # position of each feature within its paragraph
-        shuffled = rng.permutation(len(inverse))
-        by_paragraph = shuffled[np.argsort(inverse[shuffled], kind="stable")]
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank[by_paragraph] = np.arange(len(inverse)) - np.repeat(starts, counts)
-        phase = rng.random(len(counts))[inverse]
-        key = (rank + phase) / counts[inverse] + rng.random(len(inverse)) * 1e-6
-        return np.argsort(key)
+    def _distinct_paragraph_batches(self, by_length: list[int]) -> list[list[int]]:
+        """Cut a length-sorted list into batches, skipping a feature whose paragraph is already in
+        the batch; skipped features start the next batch. Looks at most 4 batches ahead, then
+        accepts repeats, so one huge paragraph cannot degrade batching."""
+        batches, pending = [], collections.deque(by_length)
+        while pending:
+            batch, paragraphs, skipped = [], set(), []
+            while pending and len(batch) < self.batch_size and len(skipped) < 4 * self.batch_size:
+                index = pending.popleft()
+                if self.paragraph_ids[index] in paragraphs:
+                    skipped.append(index)
+                else:
+                    batch.append(index)
+                    paragraphs.add(self.paragraph_ids[index])
+            while skipped and len(batch) < self.batch_size:
+                batch.append(skipped.pop(0))
+            pending.extendleft(reversed(skipped))
+            batches.append(batch)
+        return batches
 
 
 class PadToLongest:
