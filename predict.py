@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from data.qa_features import SquadFeatures
 from data.squad import SquadExample, SquadExamples
 from engine.checkpoint import find_checkpoint, load_run_config
 from engine.device import pick_device, pick_precision
@@ -73,7 +74,8 @@ def main(argv=None) -> None:
     precision = pick_precision(args.precision, device)
     model = load_extractive_qa_model(str(checkpoint)).to(device)
     tokenizer = load_tokenizer(str(checkpoint))
-    predictions, _ = answer_questions(model, tokenizer, examples, settings, device, precision, args.batch_size)
+    features = SquadFeatures(examples, tokenizer, settings["max_seq_length"], settings["doc_stride"])
+    predictions = answer_questions(model, features, settings, device, precision, args.batch_size)
 
     if args.json:
         records = {qid: {"answer": p.text, "score": round(p.probability, 4), "start": p.start, "end": p.end}

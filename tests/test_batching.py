@@ -1,0 +1,147 @@
+"""Training order (TrainBatches) and dynamic padding (PadToLongest)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import TRAIN_SAMPLE
+from data.batching import PadToLongest, TrainBatches
+from data.qa_features import SquadFeatures
+from data.squad import SquadExamples
+
+
+def paragraph_data(paragraphs=100, questions=5, seed=0, jitter=3):
+    """Lengths equal within a paragraph up to +/- `jitter` tokens of question."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(100, 380, paragraphs)
+    lengths = np.repeat(base, questions) + rng.integers(-jitter, jitter + 1, paragraphs * questions)
+    paragraph_ids = np.repeat(np.arange(paragraphs), questions)
+    return lengths, paragraph_ids
+
+
+def padded_waste(batches, lengths):
+    """Padding tokens: each batch is padded to its longest member."""
+    return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
+
+
+@pytest.fixture(scope="module")
+def sample_features(tokenizer):
+    return SquadFeatures(SquadExamples.load(str(TRAIN_SAMPLE)).examples, tokenizer)
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+@pytest.mark.parametrize("n, batch_size", [(500, 16), (233, 16), (37, 4), (5, 8), (1000, 7)])
+def test_each_epoch_is_a_partition(group_by_length, n, batch_size):
+    rng = np.random.default_rng(n)
+    lengths = rng.integers(20, 384, n)
+    paragraph_ids = rng.integers(0, max(1, n // 4), n)
+    batches = TrainBatches(lengths, paragraph_ids, batch_size, seed=3, group_by_length=group_by_length)
+    for epoch in range(3):
+        epoch_batches = batches.for_epoch(epoch)
+        flat = [i for b in epoch_batches for i in b]
+        assert sorted(flat) == list(range(n))
+        assert all(1 <= len(b) <= batch_size for b in epoch_batches)
+        assert all(isinstance(i, int) for i in flat)
+        assert len(epoch_batches) == len(batches)
+        # Batches are (nearly all) full: about ceil(n / batch_size) of them.
+        assert len(epoch_batches) <= 1.1 * -(-n // batch_size) + 1
+
+
+def test_partition_with_one_huge_paragraph():
+    # 60 questions on one paragraph among 40 single-question paragraphs: repeats are unavoidable,
+    # but nothing may be lost or duplicated.
+    lengths = np.r_[np.full(60, 200), np.arange(150, 190)]
+    paragraph_ids = np.r_[np.zeros(60, int), np.arange(1, 41)]
+    for group_by_length in (True, False):
+        epoch_batches = TrainBatches(lengths, paragraph_ids, 8, 0, group_by_length).for_epoch(0)
+        assert sorted(i for b in epoch_batches for i in b) == list(range(100))
+        assert all(len(b) <= 8 for b in epoch_batches)
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_order_is_a_function_of_seed_and_epoch(group_by_length):
+    lengths, paragraph_ids = paragraph_data()
+    make = lambda seed: TrainBatches(lengths, paragraph_ids, 16, seed, group_by_length)  # noqa: E731
+    assert make(1).for_epoch(0) == make(1).for_epoch(0)
+    assert make(1).for_epoch(2) == make(1).for_epoch(2)
+    assert make(1).for_epoch(0) != make(1).for_epoch(1)
+    assert make(1).for_epoch(0) != make(2).for_epoch(0)
+    # Recomputing an epoch after others gives the same order (what --resume relies on).
+    batches = make(5)
+    first = batches.for_epoch(3)
+    batches.for_epoch(0), batches.for_epoch(7)
+    assert batches.for_epoch(3) == first
+
+
+def test_group_by_length_reduces_padding_on_the_sample(sample_features):
+    lengths, paragraph_ids = sample_features.lengths, sample_features.paragraph_ids
+    grouped = random = 0
+    for seed in range(4):
+        grouped += padded_waste(TrainBatches(lengths, paragraph_ids, 16, seed, True).for_epoch(0), lengths)
+        random += padded_waste(TrainBatches(lengths, paragraph_ids, 16, seed, False).for_epoch(0), lengths)
+    assert grouped < 0.3 * random
+
+
+def test_group_by_length_reduces_padding_on_squad_like_lengths():
+    # SQuAD-like windows: context of about 150 tokens (long tail up to the 384 window), ~5 questions each.
+    rng = np.random.default_rng(7)
+    context = np.clip(rng.lognormal(np.log(140), 0.45, 800), 30, 370).astype(int)
+    lengths = np.minimum(np.repeat(context, 5) + rng.integers(8, 25, 4000), 384)
+    paragraph_ids = np.repeat(np.arange(800), 5)
+    for epoch in range(2):
+        grouped = padded_waste(TrainBatches(lengths, paragraph_ids, 16, 0, True).for_epoch(epoch), lengths)
+        random = padded_waste(TrainBatches(lengths, paragraph_ids, 16, 0, False).for_epoch(epoch), lengths)
+        assert grouped < 0.2 * random
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_by_length_keeps_questions_of_a_paragraph_apart(seed):
+    lengths, paragraph_ids = paragraph_data(seed=seed)
+    batches = TrainBatches(lengths, paragraph_ids, 16, seed, True)
+    for epoch in range(2):
+        full = [b for b in batches.for_epoch(epoch) if len(b) == 16]
+        assert len(full) >= 30
+        distinct = np.mean([len(set(paragraph_ids[b].tolist())) for b in full])
+        assert distinct >= 14
+        # ...while still grouping by length.
+        assert np.mean([np.ptp(lengths[b]) for b in full]) < 40
+
+
+def test_group_by_length_with_identical_lengths_in_a_paragraph():
+    lengths, paragraph_ids = paragraph_data(seed=4, jitter=0)
+    full = [b for b in TrainBatches(lengths, paragraph_ids, 16, 4, True).for_epoch(0) if len(b) == 16]
+    assert np.mean([len(set(paragraph_ids[b].tolist())) for b in full]) >= 14
+
+
+def test_batches_are_shuffled_not_sorted_by_length():
+    lengths, paragraph_ids = paragraph_data(paragraphs=400)
+    epoch_batches = TrainBatches(lengths, paragraph_ids, 16, 0, True).for_epoch(0)
+    longest = [int(lengths[b].max()) for b in epoch_batches]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+
+
+def test_pad_to_longest():
+    features = [
+        {"input_ids": [101, 7, 8, 102], "token_type_ids": [0, 0, 1, 1], "start_positions": 2, "end_positions": 2, "feature_index": 5},
+        {"input_ids": [101, 9, 102], "token_type_ids": [0, 0, 1], "start_positions": 0, "end_positions": 0, "feature_index": 3},
+        {"input_ids": [101, 4, 5, 6, 7, 102], "token_type_ids": [0, 0, 1, 1, 1, 1], "start_positions": 3, "end_positions": 4, "feature_index": 0},
+    ]
+    batch = PadToLongest(pad_token_id=99)(features)
+    assert batch["input_ids"].tolist() == [
+        [101, 7, 8, 102, 99, 99],
+        [101, 9, 102, 99, 99, 99],
+        [101, 4, 5, 6, 7, 102],
+    ]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch["start_positions"].tolist() == [2, 0, 3] and batch["end_positions"].tolist() == [2, 0, 4]
+    assert batch["feature_index"].tolist() == [5, 3, 0]
+    assert all(v.dtype == torch.long for v in batch.values())
+
+
+def test_pad_to_longest_without_token_type_ids(sample_features):
+    features = [{k: v for k, v in sample_features[i].items() if k != "token_type_ids"} for i in range(3)]
+    batch = PadToLongest(0)(features)
+    assert "token_type_ids" not in batch
+    longest = max(len(f["input_ids"]) for f in features)
+    assert batch["input_ids"].shape == (3, longest)
+    assert batch["attention_mask"].sum(1).tolist() == [len(f["input_ids"]) for f in features]

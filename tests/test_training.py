@@ -1,0 +1,212 @@
+"""The training loop on a tiny BERT: exact resume, gradient accumulation, checkpoints; one real learning run."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import VALIDATION_SAMPLE, assert_one_line_error, run_script
+from data.batching import PadToLongest
+from data.qa_features import SquadFeatures
+from data.squad import SquadExamples
+from engine.errors import UserError
+from engine.optim import build_optimizer, linear_warmup_decay
+from models.backbones import load_extractive_qa_model
+from qa.extractive import answer_questions
+from qa.metrics import squad_scores
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tiny_args(model_dir, output_dir, *extra):
+    return [
+        "--model", str(model_dir), "--output-dir", str(output_dir), "--precision", "fp32", "--device", "cpu",
+        "--max-train-samples", "40", "--max-eval-samples", "10", "--batch-size", "4", "--grad-accum-steps", "2",
+        "--max-steps", "8", "--save-steps", "3", "--log-steps", "2", *extra,
+    ]
+
+
+def weights(directory):
+    return load_file(str(directory / "model.safetensors"))
+
+
+def training_state(directory):
+    return torch.load(directory / "training_state.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, tiny_model_dir):
+    """An uninterrupted run of 8 optimizer steps."""
+    output_dir = tmp_path_factory.mktemp("run-a")
+    train.main(tiny_args(tiny_model_dir, output_dir))
+    return output_dir
+
+
+def test_resume_after_a_crash_gives_identical_weights(run_a, tiny_model_dir, tmp_path, monkeypatch):
+    output_dir = tmp_path / "run-b"
+    real_step = train.train_step
+    calls = []
+
+    def crash_on_sixth_call(run, micro_batches, max_grad_norm):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("simulated crash")
+        return real_step(run, micro_batches, max_grad_norm)
+
+    monkeypatch.setattr(train, "train_step", crash_on_sixth_call)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(tiny_args(tiny_model_dir, output_dir))
+    saved = training_state(output_dir / "latest")["state"]
+    assert 3 <= saved["step"] <= 5  # the step-3 checkpoint (or a later epoch-end one), never step 6
+
+    resumed_calls = []
+
+    def counting(run, micro_batches, max_grad_norm):
+        resumed_calls.append(1)
+        return real_step(run, micro_batches, max_grad_norm)
+
+    monkeypatch.setattr(train, "train_step", counting)
+    train.main(tiny_args(tiny_model_dir, output_dir, "--resume"))
+    assert len(resumed_calls) == 8 - saved["step"]  # continued, not restarted
+
+    a, b = weights(run_a / "latest"), weights(output_dir / "latest")
+    initial = weights(tiny_model_dir)
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], initial[k]) for k in a), "training did not change the weights"
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed run differs in {len(different)} tensors, e.g. {different[:3]}"
+    state_a, state_b = training_state(run_a / "latest"), training_state(output_dir / "latest")
+    assert state_a["state"]["step"] == state_b["state"]["step"] == 8
+    assert state_a["state"]["best_f1"] == state_b["state"]["best_f1"]
+    assert json.loads((run_a / "predictions.json").read_text()) == json.loads((output_dir / "predictions.json").read_text())
+
+
+def test_same_settings_give_the_same_run(run_a, tiny_model_dir, tmp_path):
+    """Determinism, which the resume test relies on: a second uninterrupted run matches bit for bit."""
+    train.main(tiny_args(tiny_model_dir, tmp_path))
+    a, b = weights(run_a / "latest"), weights(tmp_path / "latest")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_layout(run_a):
+    for name in ("best", "latest"):
+        directory = run_a / name
+        for file in ("model.safetensors", "config.json", "run_config.json", *TOKENIZER_FILES):
+            assert (directory / file).is_file(), f"{name}/{file} missing"
+        run_config = json.loads((directory / "run_config.json").read_text())
+        assert run_config["qa_style"] == "extractive"
+        assert (run_config["max_seq_length"], run_config["doc_stride"]) == (384, 128)
+        assert run_config["allow_null"] is False
+    assert not (run_a / "best" / "training_state.pt").exists()  # model only
+    state = training_state(run_a / "latest")
+    assert state["state"]["step"] == 8
+    assert set(state) >= {"optimizer", "scheduler", "rng", "state", "args"}
+    results = json.loads((run_a / "results.json").read_text())
+    assert results["steps"] == 8 and results["eval"]["total"] == 10
+    assert 0 <= results["eval"]["f1"] <= 100 and 0 <= results["padding_share"] < 1
+    predictions = json.loads((run_a / "predictions.json").read_text())
+    eval_ids = [e.id for e in SquadExamples.load(str(VALIDATION_SAMPLE), max_samples=10).examples]
+    assert sorted(predictions) == sorted(eval_ids)
+    assert all(isinstance(v, str) and v for v in predictions.values())
+    assert not list(run_a.glob("*.tmp")) and not list(run_a.glob("*.old"))
+
+
+def test_best_checkpoint_loads_in_a_transformers_pipeline(run_a):
+    import transformers
+
+    qa = transformers.pipeline("question-answering", model=str(run_a / "best"), device="cpu")
+    context = "The Amazon river flows through Brazil and empties into the Atlantic Ocean."
+    answer = qa(question="Where does the Amazon empty?", context=context)
+    assert set(answer) >= {"answer", "score", "start", "end"}
+    assert context[answer["start"] : answer["end"]] == answer["answer"]
+
+
+def test_resume_with_a_different_learning_rate_is_refused(run_a, tiny_model_dir):
+    before = weights(run_a / "latest")
+    args = tiny_args(tiny_model_dir, run_a, "--resume", "--learning-rate", "1e-2")
+    with pytest.raises(UserError, match="learning-rate"):
+        train.main(args)
+    # In the CLI: exit status 2, one line, no traceback.
+    result = run_script("train.py", *args)
+    assert_one_line_error(result, "learning-rate", str(run_a / "latest"))
+    after = weights(run_a / "latest")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(run_a, tiny_model_dir):
+    with pytest.raises(UserError, match="nothing to do"):
+        train.main(tiny_args(tiny_model_dir, run_a, "--resume"))
+
+
+def tiny_run(model_dir, seed=0):
+    """What train_step needs, built from the project's own pieces."""
+    torch.manual_seed(seed)
+    model = load_extractive_qa_model(str(model_dir))
+    optimizer = build_optimizer(model, learning_rate=1e-3, weight_decay=0.01)
+    return argparse.Namespace(
+        model=model, device=torch.device("cpu"), precision="fp32", optimizer=optimizer,
+        scheduler=linear_warmup_decay(optimizer, 0, 10), scaler=torch.amp.GradScaler("cpu", enabled=False),
+    )
+
+
+@pytest.fixture(scope="module")
+def small_windows(tokenizer):
+    from conftest import TRAIN_SAMPLE
+
+    examples = SquadExamples.load(str(TRAIN_SAMPLE), max_samples=60).examples
+    return SquadFeatures(examples, tokenizer, max_seq_length=64, doc_stride=16)
+
+
+def accumulation_matches(model_dir, features, indices):
+    collate = PadToLongest(features.pad_token_id)
+    items = [features[i] for i in indices]
+    accumulated, whole = tiny_run(model_dir), tiny_run(model_dir)
+    loss_a, norm_a = train.train_step(accumulated, [collate(items[:4]), collate(items[4:])], max_grad_norm=1.0)
+    loss_w, norm_w = train.train_step(whole, [collate(items)], max_grad_norm=1.0)
+    assert loss_a == pytest.approx(loss_w, rel=1e-5) and norm_a == pytest.approx(norm_w, rel=1e-5)
+    initial = dict(tiny_run(model_dir).model.named_parameters())
+    after_a, after_w = dict(accumulated.model.named_parameters()), dict(whole.model.named_parameters())
+    assert any(not torch.equal(after_a[k], initial[k]) for k in initial)
+    for name in after_a:
+        torch.testing.assert_close(after_a[name], after_w[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny_model_dir_no_dropout, small_windows):
+    # Eight full windows (no padding anywhere), some holding the answer, some labelled CLS.
+    full = np.flatnonzero(small_windows.lengths == 64)
+    with_answer = [i for i in full if small_windows.start_positions[i] != small_windows.cls_index[i]]
+    without = [i for i in full if small_windows.start_positions[i] == small_windows.cls_index[i]]
+    indices = with_answer[:5] + without[:3]
+    assert len(indices) == 8
+    accumulation_matches(tiny_model_dir_no_dropout, small_windows, indices)
+
+
+def test_grad_accumulation_with_different_window_lengths(tiny_model_dir_no_dropout, small_windows):
+    # Real batches mix window lengths: 4 short windows, then 4 long ones. Padding a window further
+    # (in the batch of 8) must not change its loss or gradient.
+    lengths = small_windows.lengths
+    short = [i for i in np.argsort(lengths, kind="stable") if lengths[i] < 56][:4]
+    long = [i for i in np.flatnonzero(lengths == 64) if small_windows.start_positions[i] != small_windows.cls_index[i]][:4]
+    assert len(short) == 4 and len(long) == 4
+    accumulation_matches(tiny_model_dir_no_dropout, small_windows, short + long)
+
+
+def test_training_teaches_minilm_to_answer(tmp_path, minilm_path, tokenizer):
+    """The one run with the real backbone: 2 epochs on the shipped sample must beat the untrained model clearly."""
+    examples = SquadExamples.load(str(VALIDATION_SAMPLE)).examples
+    settings = {"max_seq_length": 384, "doc_stride": 128, "n_best": 20, "max_answer_length": 30,
+                "allow_null": False, "null_threshold": 0.0}
+    torch.manual_seed(42)  # the fresh span head is initialised as in train.py
+    untrained = load_extractive_qa_model(minilm_path)
+    predictions, _ = answer_questions(untrained, tokenizer, examples, settings, torch.device("cpu"), "fp32", 64)
+    untrained_f1 = squad_scores({k: p.text for k, p in predictions.items()}, examples)["f1"]
+    del untrained
+
+    train.main(["--epochs", "2", "--precision", "fp32", "--device", "cpu", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    print(f"untrained F1 {untrained_f1:.2f}, trained F1 {results['eval']['f1']:.2f} (best {results['best_f1']:.2f})")
+    assert results["eval"]["total"] == len(examples)
+    assert results["eval"]["f1"] >= untrained_f1 + 10
