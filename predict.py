@@ -74,7 +74,8 @@ def main(argv=None) -> None:
     precision = pick_precision(args.precision, device)
     model = load_extractive_qa_model(str(checkpoint)).to(device)
     tokenizer = load_tokenizer(str(checkpoint))
-    features = SquadFeatures(examples, tokenizer, settings["max_seq_length"], settings["doc_stride"])
+    features = SquadFeatures(examples, tokenizer, settings["max_seq_length"], settings["doc_stride"],
+                             source=args.input or "command line")
     predictions = answer_questions(model, features, settings, device, precision, args.batch_size)
 
     if args.json:

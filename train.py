@@ -34,8 +34,9 @@ from qa.metrics import squad_scores
 log = logging.getLogger("train")
 
 # Settings that shape the optimisation trajectory: a resumed run must use the same ones.
-TRAJECTORY_ARGS = ("model", "batch_size", "grad_accum_steps", "learning_rate", "epochs", "max_steps", "seed",
-                   "group_by_length", "warmup_ratio", "weight_decay", "max_seq_length", "doc_stride")
+TRAJECTORY_ARGS = ("model", "train_file", "dataset", "max_train_samples", "batch_size", "grad_accum_steps",
+                   "learning_rate", "epochs", "max_steps", "seed", "group_by_length", "warmup_ratio", "weight_decay",
+                   "max_grad_norm", "max_seq_length", "doc_stride")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,8 +128,10 @@ def setup(args):
         eval_examples = SquadExamples.load(args.validation_file, max_samples=args.max_eval_samples)
     model_path = str(resume_from or resolve_model(args.model))
     tokenizer = load_tokenizer(model_path)
-    train_features = SquadFeatures(train_examples.examples, tokenizer, args.max_seq_length, args.doc_stride)
-    eval_features = SquadFeatures(eval_examples.examples, tokenizer, args.max_seq_length, args.doc_stride)
+    train_features = SquadFeatures(train_examples.examples, tokenizer, args.max_seq_length, args.doc_stride,
+                                   source=train_examples.source)
+    eval_features = SquadFeatures(eval_examples.examples, tokenizer, args.max_seq_length, args.doc_stride,
+                                  source=eval_examples.source)
     model = load_extractive_qa_model(model_path).to(device)
     trainable, total = count_parameters(model)
     if args.learning_rate is None:

@@ -13,13 +13,16 @@ from engine.errors import UserError
 
 
 class SquadFeatures(Dataset):
-    def __init__(self, examples: list[SquadExample], tokenizer, max_seq_length: int = 384, doc_stride: int = 128):
+    def __init__(
+        self, examples: list[SquadExample], tokenizer, max_seq_length: int = 384, doc_stride: int = 128, source: str = ""
+    ):
+        """`source` names the examples' file in error messages."""
         if doc_stride >= max_seq_length:
             raise UserError(f"--doc-stride {doc_stride} must be smaller than --max-seq-length {max_seq_length}")
         self.examples = examples
         self.pad_token_id = tokenizer.pad_token_id
         questions = [e.question.lstrip() for e in examples]  # leading spaces only waste window room
-        _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride)
+        _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride, source)
         encoded = tokenizer(
             questions,
             [e.context for e in examples],
@@ -67,7 +70,7 @@ class SquadFeatures(Dataset):
         return feature
 
 
-def _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride):
+def _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride, source):
     """Each window must hold the question and more than `doc_stride` context tokens."""
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     limit = max_seq_length - specials - doc_stride - 1
@@ -75,7 +78,7 @@ def _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_
     for example, length in zip(examples, lengths):
         if length > limit:
             raise UserError(
-                f"question {example.id!r} is {length} tokens long, but with --max-seq-length {max_seq_length} "
+                f"{source}: question {example.id!r} is {length} tokens long, but with --max-seq-length {max_seq_length} "
                 f"and --doc-stride {doc_stride} a question may have at most {limit}: shorten it or raise --max-seq-length"
             )
 

@@ -58,12 +58,12 @@ class SquadExamples(Dataset):
         examples, repaired = [], 0
         seen = set()
         for where, record in records:
-            example, was_repaired = _make_example(record, where, require_answers)
+            example, repairs = _make_example(record, where, require_answers)
             if example.id in seen:
                 raise UserError(f"{where}: duplicate question id {example.id!r}")
             seen.add(example.id)
             examples.append(example)
-            repaired += was_repaired
+            repaired += repairs
             if max_samples is not None and len(examples) >= max_samples:
                 break
         if not examples:
@@ -159,8 +159,10 @@ def _read_hub(name: str, split: str):
         yield f"{name}[{split}] row {number}", record
 
 
-def _make_example(record: dict, where: str, require_answers: bool) -> tuple[SquadExample, bool]:
-    """Validate one flat record; an answer_start that misses its text is moved to the nearest match."""
+def _make_example(record: dict, where: str, require_answers: bool) -> tuple[SquadExample, int]:
+    """Validate one flat record; an answer_start that misses its text is moved to the nearest match.
+
+    Returns the example and the number of answer offsets repaired."""
     qid = record.get("id")
     if not isinstance(qid, (str, int)) or qid == "":
         raise UserError(f"{where}: a question has no 'id'")
@@ -175,7 +177,7 @@ def _make_example(record: dict, where: str, require_answers: bool) -> tuple[Squa
     answers = record.get("answers")
     title = str(record.get("title") or "")
     if answers is None and not require_answers:
-        return SquadExample(qid, title, context, question, (), (), has_gold=False), False
+        return SquadExample(qid, title, context, question, (), (), has_gold=False), 0
     if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or not isinstance(
         answers.get("answer_start"), list
     ):
@@ -183,7 +185,7 @@ def _make_example(record: dict, where: str, require_answers: bool) -> tuple[Squa
     texts, starts = answers["text"], answers["answer_start"]
     if len(texts) != len(starts):
         raise UserError(f"{where}: {len(texts)} answer texts but {len(starts)} answer_start values")
-    repaired = False
+    repaired = 0
     fixed_starts = []
     for text, start in zip(texts, starts):
         if not isinstance(text, str) or not text.strip():
@@ -194,7 +196,7 @@ def _make_example(record: dict, where: str, require_answers: bool) -> tuple[Squa
             found = _nearest_occurrence(context, text, start)
             if found is None:
                 raise UserError(f"{where}: answer {text!r} does not occur in the context")
-            start, repaired = found, True
+            start, repaired = found, repaired + 1
         fixed_starts.append(start)
     example = SquadExample(qid, title, context, question, tuple(texts), tuple(fixed_starts))
     return example, repaired

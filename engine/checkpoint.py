@@ -1,7 +1,6 @@
 """Checkpoints: a standard Hugging Face model directory plus a separate training-state file.
 
-The model directory (safetensors weights, config, tokenizer) loads with `from_pretrained` or
-`transformers.pipeline`. `training_state.pt` holds everything else a resumed run needs. It holds
+The model directory (safetensors weights, config, tokenizer) loads with `from_pretrained`. `training_state.pt` holds everything else a resumed run needs. It holds
 only tensors and plain Python values, so it loads with `weights_only=True` (no arbitrary pickle).
 
 A save writes a temporary directory and renames it into place: if the process dies mid-save, the

@@ -22,8 +22,12 @@ def span_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     Returning a sum lets the training loop normalise by the features of the whole accumulated batch.
     """
     outputs = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
-    start = F.cross_entropy(outputs.start_logits.float(), batch["start_positions"], reduction="sum")
-    end = F.cross_entropy(outputs.end_logits.float(), batch["end_positions"], reduction="sum")
+    # Padding must not take probability mass: a window's loss would depend on its batch-mates.
+    padding = batch["attention_mask"] == 0
+    start_logits = outputs.start_logits.float().masked_fill(padding, float("-inf"))
+    end_logits = outputs.end_logits.float().masked_fill(padding, float("-inf"))
+    start = F.cross_entropy(start_logits, batch["start_positions"], reduction="sum")
+    end = F.cross_entropy(end_logits, batch["end_positions"], reduction="sum")
     return (start + end) / 2, len(batch["input_ids"])
 
 

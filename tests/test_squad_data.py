@@ -96,6 +96,15 @@ def test_json_lines(tmp_path, gz):
     assert CONTEXT[53:70] == "around the garden"
 
 
+def test_json_lines_v2_empty_answers_are_unanswerable(tmp_path):
+    # The Hugging Face squad_v2 row shape: an unanswerable question has empty answer lists.
+    records = jsonl_records() + [{"id": "j3", "title": "Pets", "context": CONTEXT, "question": "What colour is the dog?",
+                                  "answers": {"text": [], "answer_start": []}}]
+    loaded = SquadExamples.load(str(write_jsonl(tmp_path / "v2.jsonl", records)))
+    assert [e.is_impossible for e in loaded.examples] == [False, False, True]
+    assert loaded.has_unanswerable
+
+
 def test_jsonl_without_answers_only_when_not_required(tmp_path):
     records = [{"id": "p1", "context": CONTEXT, "question": "Who chased the cat?"}]
     path = write_jsonl(tmp_path / "questions.jsonl", records)

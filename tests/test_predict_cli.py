@@ -1,0 +1,88 @@
+"""predict.py as a user runs it, on a checkpoint from a tiny training run."""
+import json
+
+import pytest
+
+import train
+from conftest import VALIDATION_SAMPLE, assert_one_line_error, run_script, write_jsonl
+
+CONTEXT = "The Amazon river flows through Brazil and empties into the Atlantic Ocean near the city of Belem."
+QUESTION = "Where does the Amazon empty?"
+FLAGS = ("--device", "cpu", "--precision", "fp32")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_model_dir):
+    output_dir = tmp_path_factory.mktemp("predict-run")
+    train.main(["--model", str(tiny_model_dir), "--output-dir", str(output_dir), "--precision", "fp32", "--device", "cpu",
+                "--max-train-samples", "16", "--max-eval-samples", "5", "--batch-size", "8", "--max-steps", "2"])
+    return output_dir / "best"
+
+
+def test_context_and_question(checkpoint):
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, *FLAGS)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].strip()
+    assert lines[0] in CONTEXT  # an extractive answer is a piece of the context
+    assert "Traceback" not in result.stderr
+
+
+def test_json_output(checkpoint):
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, "--json", *FLAGS)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert set(record) == {"answer", "score", "start", "end"}
+    assert record["answer"] and CONTEXT[record["start"] : record["end"]] == record["answer"]
+    assert 0 < record["score"] <= 1
+
+
+def test_context_file(checkpoint, tmp_path):
+    path = tmp_path / "article.txt"
+    path.write_text(CONTEXT + "\n", encoding="utf-8")
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--context-file", path, "--question", QUESTION, "--json", *FLAGS)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["answer"] and CONTEXT[record["start"] : record["end"]] == record["answer"]
+    # Same answer as with --context (same text apart from the final newline).
+    inline = run_script("predict.py", "--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, "--json", *FLAGS)
+    assert json.loads(inline.stdout)["answer"] == record["answer"]
+
+
+def test_input_jsonl_without_answers_to_output_file(checkpoint, tmp_path):
+    contexts = [CONTEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911. " * 12]
+    records = [
+        {"id": "amazon", "context": contexts[0], "question": QUESTION},
+        {"id": "curie-1", "title": "Curie", "context": contexts[1], "question": "When did Curie win the Chemistry prize?"},
+        {"id": "curie-2", "context": contexts[1], "question": "Which prize came first?"},
+    ]
+    questions = write_jsonl(tmp_path / "questions.jsonl", records)
+    output = tmp_path / "predictions.json"
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--input", questions, "--output", output, *FLAGS)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(output.read_text())
+    assert sorted(answers) == ["amazon", "curie-1", "curie-2"]
+    for record in records:
+        assert answers[record["id"]] and answers[record["id"]] in record["context"]
+    assert "EM" not in result.stderr  # nothing to score without gold answers
+
+
+def test_input_with_answers_is_scored(checkpoint, tmp_path):
+    output = tmp_path / "predictions.json"
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--input", VALIDATION_SAMPLE, "--output", output, *FLAGS)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(output.read_text())
+    assert len(answers) == 59
+    assert "F1" in result.stderr and "on 59 questions" in result.stderr
+
+
+def test_missing_checkpoint(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    result = run_script("predict.py", "--checkpoint", missing, "--context", CONTEXT, "--question", QUESTION, *FLAGS)
+    assert_one_line_error(result, str(missing))
+
+
+def test_missing_context_file(checkpoint, tmp_path):
+    missing = tmp_path / "nope.txt"
+    result = run_script("predict.py", "--checkpoint", checkpoint, "--context-file", missing, "--question", QUESTION, *FLAGS)
+    assert_one_line_error(result, str(missing))
