@@ -27,12 +27,12 @@ from models.backbones import load_tokenizer, resolve_model  # noqa: E402
 
 # (name, command-line flags for train.py or trainer_baseline.py, runner)
 CONFIGS = {
-    "ours-fp32-random": (["--precision", "fp32", "--no-group-by-length"], "train.py"),
     "ours-fp32-grouped": (["--precision", "fp32", "--group-by-length"], "train.py"),
-    "ours-bf16-random": (["--precision", "bf16", "--no-group-by-length"], "train.py"),
+    "ours-fp32-random": (["--precision", "fp32", "--no-group-by-length"], "train.py"),
     "ours-bf16-grouped": (["--precision", "bf16", "--group-by-length"], "train.py"),
+    "ours-bf16-random": (["--precision", "bf16", "--no-group-by-length"], "train.py"),
     "trainer-bf16-grouped": (["--precision", "bf16", "--group-by-length"], "bench/trainer_baseline.py"),
-    "trainer-fp32-random": (["--precision", "fp32"], "bench/trainer_baseline.py"),
+    "trainer-fp32-grouped": (["--precision", "fp32", "--group-by-length"], "bench/trainer_baseline.py"),
 }
 
 

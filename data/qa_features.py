@@ -45,13 +45,14 @@ class SquadFeatures(Dataset):
                 [o if s == 1 else (-1, -1) for o, s in zip(encoded["offset_mapping"][i], sequence_ids)], dtype=np.int64
             )
             self.offsets.append(offsets)
-            cls_index = self.input_ids[i].index(tokenizer.cls_token_id) if tokenizer.cls_token_id is not None else 0
+            ids = self.input_ids[i]
+            cls_index = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
             start, end = _span_labels(examples[example_index], offsets, cls_index)
             self.cls_index.append(cls_index)
             self.start_positions.append(start)
             self.end_positions.append(end)
         self.lengths = np.array([len(ids) for ids in self.input_ids])
-        # Features that share a paragraph: batching spreads them apart (see data.batching).
+        # Windows that share a paragraph: training batches keep them apart (see data.batching).
         context_ids: dict[str, int] = {}
         self.paragraph_ids = np.array([context_ids.setdefault(examples[i].context, len(context_ids)) for i in self.example_index])
 

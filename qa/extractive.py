@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
@@ -49,7 +50,7 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
     loader = DataLoader(features, batch_sampler=batches, collate_fn=PadToLongest(features.pad_token_id))
     shape = (len(features), int(features.lengths.max()))
     start_logits, end_logits = np.full(shape, -np.inf, np.float32), np.full(shape, -np.inf, np.float32)
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=len(batches) < 4):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
             start, end = val_step(model, batch)

@@ -77,24 +77,21 @@ def squad_json(articles: list[tuple[str, list[tuple[str, list[dict]]]]], version
     }
 
 
-def write_json(path: Path, document, gz: bool = False) -> Path:
-    text = json.dumps(document)
+def write_text(path: Path, text: str, gz: bool = False) -> Path:
     if gz:
         with gzip.open(path, "wt", encoding="utf-8") as f:
             f.write(text)
     else:
         path.write_text(text, encoding="utf-8")
     return path
+
+
+def write_json(path: Path, document, gz: bool = False) -> Path:
+    return write_text(path, json.dumps(document), gz)
 
 
 def write_jsonl(path: Path, records: list[dict], gz: bool = False) -> Path:
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    if gz:
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in records), gz)
 
 
 def run_script(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:

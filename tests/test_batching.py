@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import TRAIN_SAMPLE
-from data.batching import PadToLongest, TrainBatches
+from data.batching import PadToLongest, TrainBatches, length_sorted_pieces
 from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
 
@@ -145,3 +145,36 @@ def test_pad_to_longest_without_token_type_ids(sample_features):
     longest = max(len(f["input_ids"]) for f in features)
     assert batch["input_ids"].shape == (3, longest)
     assert batch["attention_mask"].sum(1).tolist() == [len(f["input_ids"]) for f in features]
+
+
+def brute_force_cost(lengths: list[int], piece_cost: int) -> int:
+    """Cheapest split of sorted lengths into contiguous runs, by trying every set of cut points."""
+    import itertools
+
+    n, best = len(lengths), None
+    for cuts in itertools.product((False, True), repeat=n - 1):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+        cost = sum((b - a) * lengths[b - 1] + piece_cost for a, b in zip(bounds, bounds[1:]))
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_sorted_pieces_partition_the_batch_at_minimal_cost(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(40, 385, size=200)
+    batch = rng.choice(200, size=10, replace=False).tolist()
+    pieces = length_sorted_pieces(batch, lengths, piece_cost=128)
+    assert sorted(i for piece in pieces for i in piece) == sorted(batch)
+    flat = [lengths[i] for piece in pieces for i in piece]
+    assert flat == sorted(flat)  # pieces are contiguous runs of the length-sorted batch
+    cost = sum(len(p) * max(lengths[i] for i in p) + 128 for p in pieces)
+    assert cost == brute_force_cost(sorted(lengths[batch].tolist()), 128)
+
+
+def test_length_sorted_pieces_keep_equal_lengths_together_and_split_extremes():
+    lengths = np.array([100] * 8 + [384] * 8)
+    assert len(length_sorted_pieces(list(range(16)), lengths, piece_cost=128)) == 2
+    assert length_sorted_pieces(list(range(8)), lengths, piece_cost=128) == [list(range(8))]
+    # A piece costs more than all the padding there is to save: keep the batch whole.
+    assert len(length_sorted_pieces(list(range(16)), lengths, piece_cost=10_000)) == 1

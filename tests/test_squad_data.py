@@ -202,3 +202,32 @@ def test_shipped_samples_are_large_enough_and_disjoint():
         assert e.answer_texts and not e.is_impossible
         for text, start in zip(e.answer_texts, e.answer_starts):
             assert e.context[start : start + len(text)] == text
+
+
+def test_hub_dataset_rows_are_read_like_json_lines(monkeypatch):
+    """`--dataset squad` goes through datasets.load_dataset; its rows have the JSON Lines layout."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return jsonl_records()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    from_hub = SquadExamples.load("squad", "validation")
+    assert calls == [("squad", "validation")]
+    assert [e.id for e in from_hub.examples] == [r["id"] for r in jsonl_records()]
+    assert from_hub.examples[0].answer_texts == tuple(jsonl_records()[0]["answers"]["text"])
+
+
+def test_unreachable_hub_dataset_is_one_line(monkeypatch):
+    import datasets
+
+    def offline(name, split):
+        raise ConnectionError("Couldn't reach 'squad' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match=r"^squad: not a local file, and loading it from the Hugging Face Hub failed") as error:
+        SquadExamples.load("squad", "train")
+    assert "\n" not in str(error.value)

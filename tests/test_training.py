@@ -246,3 +246,25 @@ def test_training_teaches_minilm_to_answer(tmp_path, minilm_path, tokenizer):
     print(f"untrained F1 {untrained_f1:.2f}, trained F1 {results['eval']['f1']:.2f} (best {results['best_f1']:.2f})")
     assert results["eval"]["total"] == len(examples)
     assert results["eval"]["f1"] >= untrained_f1 + 10
+
+
+def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir):
+    """Unanswerable questions switch on the null answer, and the scores split HasAns / NoAns."""
+    from conftest import squad_json, write_json
+
+    context = "The lighthouse on the northern cape was built in 1874 by a team of twelve masons."
+    qas = [
+        {"id": "has-1", "question": "When was the lighthouse built?", "answers": [{"text": "1874", "answer_start": 49}]},
+        {"id": "has-2", "question": "Who built it?", "answers": [{"text": "a team of twelve masons", "answer_start": 57}]},
+        {"id": "no-1", "question": "Who painted the lighthouse?", "answers": [], "is_impossible": True},
+    ]
+    assert context[49:53] == "1874" and context[57:80] == "a team of twelve masons"
+    data = write_json(tmp_path / "v2.json", squad_json([("Cape", [(context, qas)])], version="2.0"))
+    output = tmp_path / "out"
+    train.main(["--model", str(tiny_model_dir), "--train-file", str(data), "--validation-file", str(data),
+                "--output-dir", str(output), "--max-steps", "2", "--precision", "fp32", "--device", "cpu"])
+    scores = json.loads((output / "results.json").read_text())["eval"]
+    assert (scores["HasAns_total"], scores["NoAns_total"], scores["total"]) == (2, 1, 3)
+    weighted = (2 * scores["HasAns_f1"] + scores["NoAns_f1"]) / 3
+    assert scores["f1"] == pytest.approx(weighted)
+    assert json.loads((output / "best" / "run_config.json").read_text())["allow_null"] is True
