@@ -60,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--max-seq-length", type=int, default=384, help="tokens per window (question + context)")
     data.add_argument("--doc-stride", type=int, default=128, help="tokens of overlap between consecutive windows of a long context")
     data.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
-                      help="whole batches of similar length, one window per paragraph (less padding still, but about 6 F1 "
-                           "lower on SQuAD); by default batches are random and run in length-sorted pieces")
+                      help="whole batches of similar length, one window per paragraph (less padding still, but a few F1 "
+                           "points lower on SQuAD); by default batches are random and run in length-sorted pieces")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=3, help="passes over the training windows")
     opt.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")

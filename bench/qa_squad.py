@@ -4,7 +4,8 @@
 
 The pool is split by article (never by question): the last `--eval-articles` articles are the
 validation set, and training uses the first `--train-questions` questions of the other articles,
-in file order. Each configuration runs `train.py` for one epoch with default settings, in its own
+in file order. Each configuration runs `train.py` for one epoch with default settings (only the
+precision and batching named by the configuration are set), in its own
 process, so peak memory is per run. With `--repeats N` each row reports the median of N runs.
 Writes a Markdown table to stdout and to `--report`.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data.batching import TrainBatches  # noqa: E402
+from data.batching import TrainBatches, length_sorted_pieces  # noqa: E402
 from data.qa_features import SquadFeatures  # noqa: E402
 from data.squad import SquadExamples  # noqa: E402
 from models.backbones import load_tokenizer, resolve_model  # noqa: E402
@@ -59,6 +60,10 @@ def split_pool(pool: Path, train_questions: int, eval_articles: int, directory: 
     return paths
 
 
+def padding_share(batches, lengths) -> float:
+    return 1 - sum(lengths[b].sum() for b in batches) / sum(lengths[b].max() * len(b) for b in batches)
+
+
 def batch_statistics(train_file: Path, batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Padding share and distinct paragraphs per batch of the two batching orders (epoch 0)."""
     tokenizer = load_tokenizer(resolve_model("minilm-l6"))
@@ -66,10 +71,12 @@ def batch_statistics(train_file: Path, batch_size: int = 16) -> dict[str, dict[s
     stats = {}
     for grouped in (False, True):
         batches = TrainBatches(features.lengths, features.paragraph_ids, batch_size, 42, grouped).for_epoch(0)
-        real = sum(features.lengths[b].sum() for b in batches)
-        padded = sum(features.lengths[b].max() * len(b) for b in batches)
         paragraphs = statistics.mean(len(set(features.paragraph_ids[b])) / len(b) for b in batches)
-        stats["grouped" if grouped else "random"] = {"padding": 1 - real / padded, "distinct": paragraphs}
+        pieces = [p for b in batches for p in length_sorted_pieces(b, features.lengths)]
+        kind = "grouped" if grouped else "random"
+        stats[kind] = {"padding": padding_share(batches, features.lengths), "distinct": paragraphs}
+        stats[f"{kind}, in length-sorted pieces"] = {
+            "padding": padding_share(pieces, features.lengths), "pieces": len(pieces) / len(batches)}
     stats["windows"] = len(features)
     return stats
 
@@ -140,9 +147,12 @@ def main():
         lines.append(row)
     lines += [
         "",
-        "Batching on the training windows (batch 16, epoch 0): "
-        + "; ".join(f"{kind}: {s['padding']:.1%} of tokens are padding, {s['distinct']:.1%} of a batch's windows "
-                    f"come from distinct paragraphs" for kind, s in stats.items() if kind != "windows"),
+        "Batching of the training windows (batch 16, epoch 0):",
+        "",
+        *(f"- {kind}: {s['padding']:.1%} of computed tokens are padding"
+          + (f", {s['distinct']:.1%} of a batch's windows come from distinct paragraphs" if "distinct" in s else "")
+          + (f", {s['pieces']:.1f} pieces per batch" if "pieces" in s else "")
+          for kind, s in stats.items() if kind != "windows"),
     ]
     report = "\n".join(lines)
     print(report)

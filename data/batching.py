@@ -13,8 +13,8 @@ class TrainBatches:
 
     Random batches are the default; `length_sorted_pieces` then removes most of their padding.
     With `group_by_length`, whole batches hold features of similar length (the Trainer's
-    `group_by_length`), which wastes even less compute but costs accuracy: on SQuAD, F1 dropped
-    by about 6 points at the same budget, even with the paragraph rule below. Plain length sorting would also put the questions on one paragraph (nearly
+    `group_by_length`), which wastes even less compute but costs accuracy: on SQuAD, F1 was a few
+    points lower at the same budget, even with the paragraph rule below. Plain length sorting would also put the questions on one paragraph (nearly
     equal lengths) into the same batch, which hurts accuracy; so each batch takes at most one
     feature per paragraph, looking a few batches ahead in length order for replacements.
     Randomness comes from shuffling before sorting within mega-batches of `mega_batches`
