@@ -73,8 +73,7 @@ def main():
     train_seconds = time.perf_counter() - started
 
     examples = SquadExamples.load(args.validation_file).examples
-    settings = {"max_seq_length": 384, "doc_stride": 128, "n_best": 20, "max_answer_length": 30,
-                "allow_null": False, "null_threshold": 0.0}
+    settings = {"n_best": 20, "max_answer_length": 30, "allow_null": False, "null_threshold": 0.0}
     eval_features = SquadFeatures(examples, tokenizer)
     device = next(model.parameters()).device
     started = time.perf_counter()
