@@ -194,7 +194,7 @@ def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[fl
     for batch in micro_batches:
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         with autocast(run.device, run.precision):
-            loss_sum, _ = span_loss(run.model, batch)
+            loss_sum = span_loss(run.model, batch)
         run.scaler.scale(loss_sum / count).backward()
         total_loss += loss_sum.item()
     run.scaler.unscale_(run.optimizer)

@@ -18,6 +18,8 @@ def resolve_model(name: str) -> str:
     """A local directory or an alias becomes a path; anything else is passed on as a Hub id."""
     if Path(name).is_dir():
         return name
+    if name.startswith(("/", "./", "../", "~")):
+        raise UserError(f"--model {name}: no such directory")
     if name in PACKAGED_MODELS:
         package, folder, install = PACKAGED_MODELS[name]
         spec = importlib.util.find_spec(package)  # locates the package without importing it

@@ -17,10 +17,10 @@ from qa.postprocess import SpanPrediction, predict_spans
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def span_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed (start + end) / 2 cross-entropy over the batch, and the number of features in it.
+def span_loss(model, batch: dict) -> torch.Tensor:
+    """Summed (start + end) / 2 cross-entropy over the batch's windows.
 
-    Returning a sum lets the training loop normalise by the features of the whole accumulated batch.
+    A sum, not a mean, so that the training loop can normalise by the windows of the whole step.
     """
     outputs = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
     # Padding must not take probability mass: a window's loss would depend on its batch-mates.
@@ -29,7 +29,7 @@ def span_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     end_logits = outputs.end_logits.float().masked_fill(padding, float("-inf"))
     start = F.cross_entropy(start_logits, batch["start_positions"], reduction="sum")
     end = F.cross_entropy(end_logits, batch["end_positions"], reduction="sum")
-    return (start + end) / 2, len(batch["input_ids"])
+    return (start + end) / 2
 
 
 @torch.inference_mode()
