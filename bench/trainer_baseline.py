@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.qa_features import SquadFeatures  # noqa: E402
 from data.squad import SquadExamples  # noqa: E402
-from models.backbones import load_extractive_qa_model, load_tokenizer, resolve_model  # noqa: E402
-from qa.extractive import answer_questions  # noqa: E402
+from models.backbones import load_model, load_tokenizer, resolve_model  # noqa: E402
+from qa.extractive import ExtractiveQA  # noqa: E402
 from qa.metrics import squad_scores  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main():
     logging.set_verbosity_error()
     tokenizer = load_tokenizer(resolve_model("minilm-l6"))
     torch.manual_seed(args.seed)
-    model = load_extractive_qa_model(resolve_model("minilm-l6"))
+    model = load_model(resolve_model("minilm-l6"), "span")
     train = SquadExamples.load(args.train_file).examples
     features = SquadFeatures(train, tokenizer)
     steps = math.ceil(len(features) / args.batch_size)
@@ -77,7 +77,7 @@ def main():
     eval_features = SquadFeatures(examples, tokenizer)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    predictions = answer_questions(model, eval_features, settings, device, args.precision, 64)
+    predictions = ExtractiveQA(tokenizer, settings).answer_questions(model, eval_features, device, args.precision, 64)
     eval_seconds = time.perf_counter() - started
     scores = squad_scores({k: v.text for k, v in predictions.items()}, examples)
     tokens = int(sum(features.lengths))

@@ -94,25 +94,36 @@ def length_sorted_pieces(batch: list[int], lengths, piece_cost: int = PIECE_COST
 
 
 class PadToLongest:
-    """Collate features into a batch padded only to its longest member (dynamic padding)."""
+    """Collate features into a batch padded only to its longest member (dynamic padding).
 
-    def __init__(self, pad_token_id: int):
+    Token lists are padded (input_ids with the pad token, labels with -100, others with 0) on the
+    right, or on the left for decoder-only generation and training, where every row must end where
+    its prompt or answer ends; an attention mask marks the real tokens. Scalars become tensors.
+    """
+
+    PAD_VALUES = {"labels": -100}
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
         self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(f["input_ids"]) for f in features)
-        batch = {
-            "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(features), length), dtype=torch.long),
-        }
-        if "token_type_ids" in features[0]:
-            batch["token_type_ids"] = torch.zeros((len(features), length), dtype=torch.long)
-        for row, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            batch["input_ids"][row, :n] = torch.tensor(feature["input_ids"])
-            batch["attention_mask"][row, :n] = 1
-            if "token_type_ids" in batch:
-                batch["token_type_ids"][row, :n] = torch.tensor(feature["token_type_ids"])
-        for key in ("start_positions", "end_positions", "feature_index"):
-            batch[key] = torch.tensor([f[key] for f in features])
+        batch = {}
+        for key, first in features[0].items():
+            if not isinstance(first, list):
+                batch[key] = torch.tensor([f[key] for f in features])
+                continue
+            pad = self.pad_token_id if key == "input_ids" else self.PAD_VALUES.get(key, 0)
+            batch[key] = self._pad([f[key] for f in features], pad)
+        batch["attention_mask"] = self._pad([[1] * len(f["input_ids"]) for f in features], 0)
         return batch
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        length = max(len(row) for row in rows)
+        padded = torch.full((len(rows), length), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if self.padding_side == "left":
+                padded[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+            else:
+                padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return padded

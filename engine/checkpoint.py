@@ -1,6 +1,7 @@
 """Checkpoints: a standard Hugging Face model directory plus a separate training-state file.
 
-The model directory (safetensors weights, config, tokenizer) loads with `from_pretrained`. `training_state.pt` holds everything else a resumed run needs. It holds
+The model directory (safetensors weights, config, tokenizer) loads with `from_pretrained`; for a
+LoRA run it holds the adapter in PEFT format (adapter_config.json, adapter_model.safetensors). `training_state.pt` holds everything else a resumed run needs. It holds
 only tensors and plain Python values, so it loads with `weights_only=True` (no arbitrary pickle).
 
 A save writes a temporary directory and renames it into place: if the process dies mid-save, the
@@ -42,9 +43,10 @@ def find_checkpoint(directory: Path) -> Path:
     """The checkpoint at `directory`, or its previous version if a save was interrupted."""
     directory = Path(directory)
     for candidate in (directory, directory.with_name(f"{directory.name}.old")):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
             return candidate
-    raise UserError(f"{directory}: no checkpoint there (expected a model directory with config.json)")
+    raise UserError(f"{directory}: no checkpoint there (expected a model directory with config.json, "
+                    "or a LoRA adapter with adapter_config.json)")
 
 
 def load_run_config(directory: Path) -> dict:

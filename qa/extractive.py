@@ -1,7 +1,7 @@
 """Extractive QA with a span head: the loss, the forward pass over windows, and answering.
 
-`answer_questions` is the one path from examples to answers: evaluation in train.py and
-predict.py both call it, so they cannot drift apart.
+`ExtractiveQA.answer_questions` is the one path from features to answers: evaluation in train.py
+and predict.py both call it, so they cannot drift apart.
 """
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
 from engine.device import autocast
-from qa.postprocess import SpanPrediction, predict_spans
+from qa.postprocess import predict_spans
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -60,18 +60,31 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
     return start_logits, end_logits
 
 
-def answer_questions(model, features: SquadFeatures, settings: dict, device, precision: str, batch_size: int):
-    """The best answer span of every example the features were built from, by question id.
+class ExtractiveQA:
+    """`settings`: max_seq_length, doc_stride, n_best, max_answer_length, allow_null, null_threshold."""
 
-    `settings`: n_best, max_answer_length, allow_null, null_threshold.
-    """
-    start_logits, end_logits = window_logits(model, features, batch_size, device, precision)
-    return predict_spans(
-        features,
-        start_logits,
-        end_logits,
-        n_best=settings["n_best"],
-        max_answer_length=settings["max_answer_length"],
-        allow_null=settings["allow_null"],
-        null_threshold=settings["null_threshold"],
-    )
+    def __init__(self, tokenizer, settings: dict):
+        self.tokenizer = tokenizer
+        self.settings = settings
+
+    def features(self, examples, source: str, training: bool = False, seed: int = 0) -> SquadFeatures:
+        # Training and evaluation windows are the same: windows without the answer learn to point at CLS.
+        return SquadFeatures(examples, self.tokenizer, self.settings["max_seq_length"], self.settings["doc_stride"], source)
+
+    def collate(self, features: SquadFeatures) -> PadToLongest:
+        return PadToLongest(features.pad_token_id)
+
+    @staticmethod
+    def loss(model, batch: dict) -> torch.Tensor:
+        return span_loss(model, batch)
+
+    @staticmethod
+    def count_targets(batch: dict) -> int:
+        return len(batch["input_ids"])
+
+    def answer_questions(self, model, features: SquadFeatures, device, precision: str, batch_size: int):
+        """The best answer span of every example the features were built from, by question id."""
+        start_logits, end_logits = window_logits(model, features, batch_size, device, precision)
+        s = self.settings
+        return predict_spans(features, start_logits, end_logits, n_best=s["n_best"], max_answer_length=s["max_answer_length"],
+                             allow_null=s["allow_null"], null_threshold=s["null_threshold"])

@@ -20,6 +20,9 @@ class SpanPrediction:
     probability: float  # softmax over all candidate spans of all windows
     null_score_diff: float  # null (CLS) score minus best span score: > threshold means "no answer"
 
+    def as_record(self) -> dict:
+        return {"answer": self.text, "score": round(self.probability, 4), "start": self.start, "end": self.end}
+
 
 def predict_spans(
     features: SquadFeatures,

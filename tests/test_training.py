@@ -14,8 +14,8 @@ from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
 from engine.errors import UserError
 from engine.optim import linear_warmup_decay
-from models.backbones import load_extractive_qa_model
-from qa.extractive import answer_questions
+from models.backbones import load_model
+from qa.extractive import ExtractiveQA
 from qa.metrics import squad_scores
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -173,15 +173,15 @@ def test_resume_of_a_finished_run_has_nothing_to_do(run_a, tiny_model_dir):
         train.main(tiny_args(tiny_model_dir, run_a, "--resume"))
 
 
-def tiny_run(model_dir, seed=0):
+def tiny_run(model_dir, seed=0, kind="span", qa=None):
     """What train_step needs. Plain SGD, so that the updated weights are the (clipped) gradients:
     Adam's first step, g / (|g| + eps), would blow float round-off in gradients that are ~0 (e.g. the
     span head's bias, whose gradient is exactly 0 in theory) up to a full learning-rate step."""
     torch.manual_seed(seed)
-    model = load_extractive_qa_model(str(model_dir))
+    model = load_model(str(model_dir), kind)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     return argparse.Namespace(
-        model=model, device=torch.device("cpu"), precision="fp32", optimizer=optimizer,
+        model=model, qa=qa or ExtractiveQA(None, {}), device=torch.device("cpu"), precision="fp32", optimizer=optimizer,
         scheduler=linear_warmup_decay(optimizer, 0, 10), scaler=torch.amp.GradScaler("cpu", enabled=False),
     )
 
@@ -235,9 +235,9 @@ def test_training_teaches_minilm_to_answer(tmp_path, minilm_path, tokenizer):
     settings = {"max_seq_length": 384, "doc_stride": 128, "n_best": 20, "max_answer_length": 30,
                 "allow_null": False, "null_threshold": 0.0}
     torch.manual_seed(42)  # the fresh span head is initialised as in train.py
-    untrained = load_extractive_qa_model(minilm_path)
+    untrained = load_model(minilm_path, "span")
     features = SquadFeatures(examples, tokenizer, settings["max_seq_length"], settings["doc_stride"])
-    predictions = answer_questions(untrained, features, settings, torch.device("cpu"), "fp32", 64)
+    predictions = ExtractiveQA(tokenizer, settings).answer_questions(untrained, features, torch.device("cpu"), "fp32", 64)
     untrained_f1 = squad_scores({k: p.text for k, p in predictions.items()}, examples)["f1"]
     del untrained
 

@@ -1,0 +1,112 @@
+"""Generative QA (seq2seq or decoder-only): the answer loss, batched generation, and the choice of
+one answer per question across its context windows.
+
+`GenerativeQA.answer_questions` is the one path from features to answers: evaluation in train.py
+and predict.py both call it.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data.batching import PadToLongest
+from data.generative_features import GenerativeQAFeatures
+from engine.device import autocast
+
+
+@dataclass(frozen=True)
+class GeneratedAnswer:
+    text: str  # empty: the model answered "no answer" (EOS alone)
+    score: float  # mean log-probability per generated token, EOS included: comparable across lengths
+    window: int  # the feature (context window) it was generated from
+
+    def as_record(self) -> dict:
+        return {"answer": self.text, "score": round(self.score, 4)}
+
+
+class GenerativeQA:
+    """`settings`: model_kind (seq2seq or causal-lm), prompt_template, max_seq_length, doc_stride,
+    no_answer_share, max_answer_tokens, num_beams."""
+
+    def __init__(self, tokenizer, settings: dict):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.decoder_only = settings["model_kind"] == "causal-lm"
+
+    def features(self, examples, source: str, training: bool = False, seed: int = 0) -> GenerativeQAFeatures:
+        s = self.settings
+        return GenerativeQAFeatures(examples, self.tokenizer, s["prompt_template"], self.decoder_only, s["max_seq_length"],
+                                    s["doc_stride"], training, s["no_answer_share"], seed, source)
+
+    def collate(self, features: GenerativeQAFeatures) -> PadToLongest:
+        return PadToLongest(features.pad_token_id, features.padding_side)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """Summed cross-entropy over the answer tokens (EOS included) of the batch; the training loop
+        normalises by the target tokens of the whole step."""
+        labels = batch["labels"]
+        if self.decoder_only:
+            # Rows are left-padded, so every answer lies in the last `longest` positions: only those
+            # need the LM head (SmolLM2's 49k-word head costs a fifth of the forward pass per position).
+            longest = int((labels != -100).sum(1).max())
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=position_ids(batch["attention_mask"]), logits_to_keep=longest + 1,
+                           use_cache=False).logits[:, :-1]
+            labels = labels[:, -longest:]
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                           use_cache=False).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+    @staticmethod
+    def count_targets(batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def answer_questions(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int):
+        """The best generated answer of every example, by question id: over its windows, a non-empty
+        answer beats "no answer", then the higher mean log-probability wins."""
+        candidates = self.generate(model, features, device, precision, batch_size)
+        best: dict[str, GeneratedAnswer] = {}
+        for candidate in candidates:
+            qid = features.examples[features.example_index[candidate.window]].id
+            current = best.get(qid)
+            if current is None or (bool(candidate.text), candidate.score) > (bool(current.text), current.score):
+                best[qid] = candidate
+        return best
+
+    @torch.inference_mode()
+    def generate(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int) -> list[GeneratedAnswer]:
+        """An answer for every window, in feature order. Windows run longest first (little padding,
+        and an out-of-memory error comes at once) and are put back by the index each batch carries."""
+        model.eval()
+        eos = self.tokenizer.eos_token_id
+        order = np.argsort(-features.lengths, kind="stable").tolist()
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        loader = DataLoader(features, batch_sampler=batches, collate_fn=self.collate(features))
+        answers: list[GeneratedAnswer | None] = [None] * len(features)
+        for batch in tqdm(loader, desc="generate", unit="batch", leave=False, disable=len(batches) < 4):
+            with autocast(device, precision):
+                output = model.generate(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    max_new_tokens=self.settings["max_answer_tokens"], num_beams=self.settings["num_beams"],
+                    do_sample=False, eos_token_id=eos, pad_token_id=features.pad_token_id,
+                    output_scores=True, return_dict_in_generate=True,
+                )
+            # Beam search already returns log-probabilities; greedy search returns logits.
+            logprobs = model.compute_transition_scores(output.sequences, output.scores, output.get("beam_indices"),
+                                                       normalize_logits=self.settings["num_beams"] == 1)
+            generated = output.sequences[:, -logprobs.shape[1] :].tolist()
+            for window, tokens, token_logprobs in zip(batch["feature_index"].tolist(), generated, logprobs.float().tolist()):
+                length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+                text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
+                answers[window] = GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window)
+        return answers
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token, as generation computes them for
+    left-padded prompts: training and generation then see the same positions."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
