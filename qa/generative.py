@@ -66,16 +66,8 @@ class GenerativeQA:
         return int((batch["labels"] != -100).sum())
 
     def answer_questions(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int):
-        """The best generated answer of every example, by question id: over its windows, a non-empty
-        answer beats "no answer", then the higher mean log-probability wins."""
-        candidates = self.generate(model, features, device, precision, batch_size)
-        best: dict[str, GeneratedAnswer] = {}
-        for candidate in candidates:
-            qid = features.examples[features.example_index[candidate.window]].id
-            current = best.get(qid)
-            if current is None or (bool(candidate.text), candidate.score) > (bool(current.text), current.score):
-                best[qid] = candidate
-        return best
+        """The best generated answer of every example, by question id."""
+        return choose_answers(features, self.generate(model, features, device, precision, batch_size))
 
     @torch.inference_mode()
     def generate(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int) -> list[GeneratedAnswer]:
@@ -104,6 +96,19 @@ class GenerativeQA:
                 text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
                 answers[window] = GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window)
         return answers
+
+
+def choose_answers(features: GenerativeQAFeatures, candidates: list[GeneratedAnswer]) -> dict[str, GeneratedAnswer]:
+    """One answer per question from the answers of its windows: a non-empty answer beats "no
+    answer" (a window that misses the answer should say nothing), then the higher mean
+    log-probability wins, whatever the windows' order."""
+    best: dict[str, GeneratedAnswer] = {}
+    for candidate in candidates:
+        qid = features.examples[features.example_index[candidate.window]].id
+        current = best.get(qid)
+        if current is None or (bool(candidate.text), candidate.score) > (bool(current.text), current.score):
+            best[qid] = candidate
+    return best
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,64 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *must_mention: st
     for text in must_mention:
         assert str(text) in lines[0], f"{text!r} not in {lines[0]!r}"
     return lines[0]
+
+
+# --- Tiny generative models: a byte-level BPE tokenizer trained here, a T5 and a Llama from configs ---
+
+def train_tiny_tokenizer(directory: Path):
+    """Byte-level BPE (exact offsets and decoding) learned from the shipped sample: 600 tokens,
+    <pad>=0, </s>=1 (EOS, appended to encoder inputs as T5's tokenizer does), <unk>=2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data.squad import SquadExamples
+
+    texts = [t for e in SquadExamples.load(str(TRAIN_SAMPLE)).examples for t in (e.context, e.question)]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(sorted(set(texts)), trainer)
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def make_tiny_generative_model(directory: Path, tokenizer, kind: str, seed: int = 0) -> Path:
+    """kind "t5": 2+2 layers, 64 wide; kind "llama": 2 layers, 64 wide, tied embeddings. No dropout."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    if kind == "t5":
+        config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                          tie_word_embeddings=False)
+        model = T5ForConditionalGeneration(config)
+    else:
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True)
+        model = LlamaForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return make_tiny_generative_model(tmp_path_factory.mktemp("tiny-t5"), tiny_tokenizer, "t5")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return make_tiny_generative_model(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer, "llama")
