@@ -302,14 +302,16 @@ def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[fl
 
 
 def evaluate(run, args) -> dict:
-    """Answer every validation question and score it; writes OUTPUT_DIR/predictions.json."""
+    """Answer every validation question and score it; writes OUTPUT_DIR/predictions.json (and, for the
+    evaluation before training, predictions_before_training.json)."""
     started = time.perf_counter()
     predictions = run.qa.answer_questions(run.model, run.eval_features, run.device, run.precision, args.eval_batch_size)
     answers = {qid: p.text for qid, p in predictions.items()}
     scores = squad_scores(answers, run.eval_examples.examples)
     scores["seconds"], scores["windows"] = time.perf_counter() - started, len(run.eval_features)
     run.output_dir.mkdir(parents=True, exist_ok=True)
-    (run.output_dir / "predictions.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False))
+    name = "predictions_before_training.json" if run.state.initial_scores is None else "predictions.json"
+    (run.output_dir / name).write_text(json.dumps(answers, indent=1, ensure_ascii=False))
     return scores
 
 

@@ -91,10 +91,11 @@ def main():
         f"{train_questions} questions ({full['train_windows']} windows) of the articles before the last {args.eval_articles}, "
         f"1 epoch; evaluate on the first {full['eval']['total']} questions ({full['eval']['windows']} windows) of the last "
         f"{args.eval_articles} articles. fp32 on the CPU, batch {args.batch_size} ({full['steps']} optimizer steps), "
-        f"eval batch {args.eval_batch_size}, lr {full['args']['learning_rate']:g} (full) / {lora['args']['learning_rate']:g} "
+        f"eval batch {args.eval_batch_size}, lr {full['args']['learning_rate']:.0e} (full) / {lora['args']['learning_rate']:.0e} "
         f"(LoRA), warmup 10%, max_seq_length {full['args']['max_seq_length']}, doc_stride {full['args']['doc_stride']}, "
         f"greedy decoding of at most {full['args']['max_answer_tokens']} tokens. One run per row; generation questions/s "
-        "is the batched evaluation (all windows of a question generated, best answer kept).",
+        "is the batched evaluation (all windows of a question generated, best answer kept); the zero-shot evaluation is "
+        "its process's first generation, so its rate includes a one-time warm-up (about 30 s on 2 cores).",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d')}.",

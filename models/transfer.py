@@ -25,11 +25,12 @@ def stacks(model) -> dict[str, torch.nn.Module]:
 
 
 def blocks(stack: torch.nn.Module) -> torch.nn.ModuleList:
-    """The stack's transformer blocks: its longest ModuleList (layer, layers, block, h, ...)."""
+    """The stack's transformer blocks (layer, layers, block, h, ...): the ModuleList holding the most
+    parameters. Not the longest list: a T5 decoder block has a list of 3 sub-layers, its stack 2 blocks."""
     lists = [m for m in stack.modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         raise UserError(f"cannot find the transformer blocks of {type(stack).__name__} to freeze")
-    return max(lists, key=len)
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def embedding_parameters(model) -> list[torch.nn.Parameter]:

