@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.qa_squad import split_pool  # noqa: E402
+from bench.qa_squad import split_pool, write_report  # noqa: E402
 
 # name -> (table label, extra train.py flags)
 RUNS = {"full": ("full fine-tuning", []), "lora": ("LoRA r=8 (all linear layers)", ["--lora"])}
@@ -94,8 +94,8 @@ def main():
         f"eval batch {args.eval_batch_size}, lr {full['args']['learning_rate']:.0e} (full) / {lora['args']['learning_rate']:.0e} "
         f"(LoRA), warmup 10%, max_seq_length {full['args']['max_seq_length']}, doc_stride {full['args']['doc_stride']}, "
         f"greedy decoding of at most {full['args']['max_answer_tokens']} tokens. One run per row; generation questions/s "
-        "is the batched evaluation (all windows of a question generated, best answer kept); the zero-shot evaluation is "
-        "its process's first generation, so its rate includes a one-time warm-up (about 30 s on 2 cores).",
+        "is the batched evaluation (all windows of a question generated, best answer kept); zero-shot answers are "
+        "whole sentences that run to the token limit, so that generation is the slowest.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d')}.",
@@ -105,10 +105,7 @@ def main():
         row("zero-shot (prompted, no training)", full["initial_eval"], None, None),
         *(row(RUNS[name][0], runs[name]["eval"], runs[name], full) for name in RUNS),
     ]
-    report = "\n".join(lines)
-    print(report)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(report + "\n")
+    write_report(args.report, lines)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,14 @@ def split_pool(pool: Path, train_questions: int, eval_articles: int, directory: 
     return paths
 
 
+def write_report(path: Path, lines: list[str]) -> None:
+    """The Markdown report, to stdout and to `path`."""
+    report = "\n".join(lines)
+    print(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report + "\n")
+
+
 def padding_share(batches, lengths) -> float:
     return 1 - sum(lengths[b].sum() for b in batches) / sum(lengths[b].max() * len(b) for b in batches)
 
@@ -154,10 +162,7 @@ def main():
           + (f", {s['pieces']:.1f} pieces per batch" if "pieces" in s else "")
           for kind, s in stats.items() if kind != "windows"),
     ]
-    report = "\n".join(lines)
-    print(report)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(report + "\n")
+    write_report(args.report, lines)
 
 
 if __name__ == "__main__":

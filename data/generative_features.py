@@ -127,8 +127,13 @@ class GenerativeQAFeatures(Dataset):
             return []
         texts = [self.prompt_text(question, context) for question, context in pairs]
         # The seq2seq encoder input gets the tokenizer's special tokens (T5 appends EOS); a chat template
-        # already contains its own, and a plain decoder prompt needs none.
-        return self.tokenizer(texts, add_special_tokens=not self.decoder_only)["input_ids"]
+        # writes its own; a plain decoder prompt starts with BOS when the model has one (Llama base
+        # models expect it) and must not end with anything the tokenizer would append.
+        ids = self.tokenizer(texts, add_special_tokens=not self.decoder_only)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if self.decoder_only and not self.use_chat_template and bos is not None:
+            ids = [[bos] + row for row in ids]
+        return ids
 
     def _answer_ids(self, answer: str) -> list[int]:
         if answer and self.decoder_only and not self.use_chat_template:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Never touch the network: set before anything imports transformers / huggingface_hub.
@@ -20,6 +21,10 @@ import pytest  # noqa: E402
 
 SAMPLES = ROOT / "data" / "samples"
 TRAIN_SAMPLE = SAMPLES / "squad_train.json"
+# A short generative run on the tiny models, and predict.py pinned to the same device and precision.
+GENERATIVE_RUN_FLAGS = ["--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "4", "--device", "cpu",
+                        "--precision", "fp32", "--max-answer-tokens", "8"]
+PREDICT_FLAGS = ("--device", "cpu", "--precision", "fp32")
 VALIDATION_SAMPLE = SAMPLES / "squad_validation.json"
 
 
@@ -104,6 +109,45 @@ def run_script(script: str, *args, timeout: int = 300) -> subprocess.CompletedPr
         [sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ},
     )
+
+
+def run_in_parallel(calls: dict) -> dict:
+    """{name: (script, args)} -> {name: CompletedProcess}, two processes at a time with one CPU thread
+    each (two 2-thread processes on 2 cores slow each other down many times over)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        with ThreadPoolExecutor(2) as pool:
+            futures = {name: pool.submit(run_script, script, *args) for name, (script, args) in calls.items()}
+            return {name: future.result() for name, future in futures.items()}
+
+
+def crash_then_resume(monkeypatch, argv: list[str], crash_on_call: int) -> tuple[int, int]:
+    """Run train.main(argv) until its `crash_on_call`-th train_step raises, then run it again with
+    --resume. Returns (the step latest/ held after the crash, train_step calls of the resumed run)."""
+    import torch
+
+    import train
+
+    real_step, calls, resumed_calls = train.train_step, [], []
+
+    def crashing(run, micro_batches, max_grad_norm):
+        calls.append(1)
+        if len(calls) == crash_on_call:
+            raise RuntimeError("simulated crash")
+        return real_step(run, micro_batches, max_grad_norm)
+
+    def counting(run, micro_batches, max_grad_norm):
+        resumed_calls.append(1)
+        return real_step(run, micro_batches, max_grad_norm)
+
+    monkeypatch.setattr(train, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(argv)
+    output_dir = Path(argv[argv.index("--output-dir") + 1])
+    saved_step = torch.load(output_dir / "latest" / "training_state.pt", weights_only=True)["state"]["step"]
+    monkeypatch.setattr(train, "train_step", counting)
+    train.main([*argv, "--resume"])
+    return saved_step, len(resumed_calls)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *must_mention: str) -> str:

@@ -57,6 +57,15 @@ def test_labels_are_the_answer_and_eos_and_mask_the_prompt(tiny_tokenizer, kind)
         assert tiny_tokenizer.decode(ids) == f"question: When did the canal open? context: {CONTEXT}</s>"
 
 
+def test_a_plain_decoder_prompt_starts_with_bos_when_the_model_has_one(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.bos_token = "<unk>"  # any existing special token will do as a stand-in
+    features = GenerativeQAFeatures([EXAMPLE], tokenizer, DECODER_TEMPLATE, True, training=True)
+    without = GenerativeQAFeatures([EXAMPLE], tiny_tokenizer, DECODER_TEMPLATE, True, training=True)
+    assert features.input_ids[0] == [tokenizer.bos_token_id] + without.input_ids[0]
+    assert features.labels[0] == [-100] + without.labels[0]
+
+
 def test_eos_stays_a_target_when_it_is_the_pad_token(chat_tokenizer):
     """Pad == EOS (SmolLM2): left padding must be masked, the answer's EOS must not."""
     other = SquadExample("q2", "", CONTEXT, "How long did the work take?", ("ten years",), (CONTEXT.index("ten years"),))

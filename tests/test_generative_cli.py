@@ -2,28 +2,14 @@
 predict.py on a seq2seq checkpoint, and the GGUF alias loading as a plain model."""
 import importlib.util
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import train
-from conftest import assert_one_line_error, run_script
+from conftest import GENERATIVE_RUN_FLAGS as SMALL, PREDICT_FLAGS, assert_one_line_error, run_in_parallel
 
-SMALL = ["--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "4", "--device", "cpu",
-         "--precision", "fp32", "--max-answer-tokens", "8"]
-PREDICT_FLAGS = ("--device", "cpu", "--precision", "fp32")
 CONTEXT = "The Panama Canal opened in 1914 after ten years of work by thousands of workers."
 QUESTION = "When did the Panama Canal open?"
-
-
-def run_in_parallel(calls: dict) -> dict:
-    """{name: (script, args)} -> {name: CompletedProcess}, two processes at a time with one CPU thread
-    each (two 2-thread processes on 2 cores slow each other down many times over)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        with ThreadPoolExecutor(2) as pool:
-            futures = {name: pool.submit(run_script, script, *args) for name, (script, args) in calls.items()}
-            return {name: future.result() for name, future in futures.items()}
 
 
 # --- bad input: one error line ---

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import VALIDATION_SAMPLE, assert_one_line_error, run_script
+from conftest import VALIDATION_SAMPLE, assert_one_line_error, crash_then_resume, run_script
 from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
@@ -47,30 +47,9 @@ def run_a(tmp_path_factory, tiny_model_dir):
 
 def test_resume_after_a_crash_gives_identical_weights(run_a, tiny_model_dir, tmp_path, monkeypatch):
     output_dir = tmp_path / "run-b"
-    real_step = train.train_step
-    calls = []
-
-    def crash_on_sixth_call(run, micro_batches, max_grad_norm):
-        calls.append(1)
-        if len(calls) == 6:
-            raise RuntimeError("simulated crash")
-        return real_step(run, micro_batches, max_grad_norm)
-
-    monkeypatch.setattr(train, "train_step", crash_on_sixth_call)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train.main(tiny_args(tiny_model_dir, output_dir))
-    saved = training_state(output_dir / "latest")["state"]
-    assert 3 <= saved["step"] <= 5  # the step-3 checkpoint (or a later epoch-end one), never step 6
-
-    resumed_calls = []
-
-    def counting(run, micro_batches, max_grad_norm):
-        resumed_calls.append(1)
-        return real_step(run, micro_batches, max_grad_norm)
-
-    monkeypatch.setattr(train, "train_step", counting)
-    train.main(tiny_args(tiny_model_dir, output_dir, "--resume"))
-    assert len(resumed_calls) == 8 - saved["step"]  # continued, not restarted
+    saved_step, resumed_calls = crash_then_resume(monkeypatch, tiny_args(tiny_model_dir, output_dir), crash_on_call=6)
+    assert 3 <= saved_step <= 5  # the step-3 checkpoint (or a later epoch-end one), never step 6
+    assert resumed_calls == 8 - saved_step  # continued, not restarted
 
     a, b = weights(run_a / "latest"), weights(output_dir / "latest")
     initial = weights(tiny_model_dir)

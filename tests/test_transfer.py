@@ -2,7 +2,6 @@
 trainable, that training moves only those, one-line errors for impossible freezing, and LoRA
 (adapter checkpoints, --merge-lora, reloading with predict.py, exact resume)."""
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -10,13 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import VALIDATION_SAMPLE, assert_one_line_error, run_script, squad_json, write_json
+from conftest import (GENERATIVE_RUN_FLAGS as SMALL, PREDICT_FLAGS, VALIDATION_SAMPLE, assert_one_line_error, crash_then_resume,
+                      run_in_parallel, squad_json, write_json)
 from models.backbones import load_model
 from models.transfer import freeze
 
-SMALL = ["--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "4", "--device", "cpu",
-         "--precision", "fp32", "--max-answer-tokens", "8"]
-PREDICT_FLAGS = ("--device", "cpu", "--precision", "fp32")
 
 # Every name under which T5 holds its token embedding matrix or its LM head (transformers ties them
 # all to one tensor; with an untied head, lm_head.weight would be a second tensor).
@@ -37,16 +34,6 @@ def names(model) -> list[str]:
 
 def trainable_names(model) -> set[str]:
     return {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-
-
-def run_in_parallel(calls: dict) -> dict:
-    """{name: (script, args)} -> {name: CompletedProcess}, two processes at a time with one CPU thread
-    each (two 2-thread processes on 2 cores slow each other down many times over)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        with ThreadPoolExecutor(2) as pool:
-            futures = {name: pool.submit(run_script, script, *args) for name, (script, args) in calls.items()}
-            return {name: future.result() for name, future in futures.items()}
 
 
 # --- freeze() on the models themselves ---
@@ -260,29 +247,8 @@ def test_resumed_lora_run_equals_an_uninterrupted_one(tiny_llama_dir, tmp_path, 
     assert json.loads((straight / "results.json").read_text())["steps"] == 4
 
     interrupted = tmp_path / "interrupted"
-    real_step = train.train_step
-    calls = []
-
-    def crash_on_third_call(run, micro_batches, max_grad_norm):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(run, micro_batches, max_grad_norm)
-
-    monkeypatch.setattr(train, "train_step", crash_on_third_call)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train.main(lora_resume_args(tiny_llama_dir, interrupted))
-    assert torch.load(interrupted / "latest" / "training_state.pt", weights_only=True)["state"]["step"] == 2
-
-    resumed_calls = []
-
-    def counting(run, micro_batches, max_grad_norm):
-        resumed_calls.append(1)
-        return real_step(run, micro_batches, max_grad_norm)
-
-    monkeypatch.setattr(train, "train_step", counting)
-    train.main(lora_resume_args(tiny_llama_dir, interrupted, "--resume"))
-    assert len(resumed_calls) == 2  # continued from step 2, not restarted
+    saved_step, resumed_calls = crash_then_resume(monkeypatch, lora_resume_args(tiny_llama_dir, interrupted), crash_on_call=3)
+    assert saved_step == 2 and resumed_calls == 2  # continued from step 2, not restarted
 
     a = load_file(str(straight / "latest" / "adapter_model.safetensors"))
     b = load_file(str(interrupted / "latest" / "adapter_model.safetensors"))
