@@ -305,7 +305,11 @@ def evaluate(run, args) -> dict:
     """Answer every validation question and score it; writes OUTPUT_DIR/predictions.json (and, for the
     evaluation before training, predictions_before_training.json)."""
     started = time.perf_counter()
-    predictions = run.qa.answer_questions(run.model, run.eval_features, run.device, run.precision, args.eval_batch_size)
+    # Evaluation must leave the random stream alone (its DataLoader draws a seed from it): otherwise
+    # how often a run evaluates would change its dropout masks, and so its result.
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        predictions = run.qa.answer_questions(run.model, run.eval_features, run.device, run.precision,
+                                              args.eval_batch_size)
     answers = {qid: p.text for qid, p in predictions.items()}
     scores = squad_scores(answers, run.eval_examples.examples)
     scores["seconds"], scores["windows"] = time.perf_counter() - started, len(run.eval_features)

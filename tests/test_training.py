@@ -45,6 +45,14 @@ def run_a(tmp_path_factory, tiny_model_dir):
     return output_dir
 
 
+def test_evaluating_more_often_does_not_change_training(run_a, tiny_model_dir, tmp_path):
+    """Evaluation draws nothing from the random stream that drives dropout."""
+    output_dir = tmp_path / "often"
+    train.main(tiny_args(tiny_model_dir, output_dir, "--eval-steps", "1"))
+    a, b = weights(run_a / "latest"), weights(output_dir / "latest")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_after_a_crash_gives_identical_weights(run_a, tiny_model_dir, tmp_path, monkeypatch):
     output_dir = tmp_path / "run-b"
     saved_step, resumed_calls = crash_then_resume(monkeypatch, tiny_args(tiny_model_dir, output_dir), crash_on_call=6)
