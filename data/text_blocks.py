@@ -1,0 +1,179 @@
+"""Plain text for causal language modelling: files -> documents -> one cached token stream -> blocks.
+
+Documents are tokenized once, each followed by EOS, and their tokens concatenated into one stream
+that is written to disk as a flat uint16/uint32 array (a memmap), keyed by the tokenizer and the
+source's content. A second run on the same data opens the cache at once, and a corpus larger than
+RAM is tokenized and read in pieces. `GroupedTextBlocks` cuts the stream into `block_size` blocks;
+the last, partial block is kept with its padding masked out of the loss, unless `drop_last`.
+"""
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from engine.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+TOKENIZE_BATCH = 256  # documents per tokenizer call: fast batched encoding, bounded memory
+
+
+def source_files(source: str) -> list[Path]:
+    """The files of a source: a file, or every .txt/.jsonl(.gz) file below a directory, sorted."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) in TEXT_SUFFIXES)
+        if not files:
+            raise UserError(f"{source}: no .txt or .jsonl files (optionally .gz) in this directory")
+        return files
+    if not path.is_file():
+        raise UserError(f"{source}: no such file or directory")
+    if _base_suffix(path) not in TEXT_SUFFIXES:
+        raise UserError(f"{source}: expected a .txt or .jsonl file (optionally .gz) or a directory of them")
+    return [path]
+
+
+def read_documents(path: Path, line_by_line: bool = False, text_field: str | None = None) -> Iterator[str]:
+    """The documents of one file: blank-line-separated paragraphs of a text file (or its non-empty
+    lines with `line_by_line`), or the `text_field` of each JSON Lines record."""
+    if _base_suffix(path) == ".jsonl":
+        yield from _jsonl_documents(path, text_field or "text")
+        return
+    text = _read_text(path)
+    pieces = text.splitlines() if line_by_line else text.replace("\r\n", "\n").split("\n\n")
+    for piece in pieces:
+        if piece.strip():
+            yield piece.strip("\n")
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        value = record
+        for key in text_field.split("."):
+            value = _field(value, key)
+            if value is None:
+                raise UserError(f"{path}:{number}: no field {text_field!r} (use --text-field to name the text)")
+        text = " ".join(_strings(value, f"{path}:{number}", text_field))
+        if text.strip():
+            yield text
+
+
+def _field(value, key: str):
+    """`key` of a record, or of every record in a list (as in ELI5's answers.text)."""
+    if isinstance(value, dict):
+        return value.get(key)
+    if isinstance(value, list):
+        found = [_field(item, key) for item in value]
+        return None if any(item is None for item in found) else found
+    return None
+
+
+def _strings(value, where: str, text_field: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item, where, text_field)]
+    raise UserError(f"{where}: field {text_field!r} holds {type(value).__name__}, not text")
+
+
+def _read_text(path: Path) -> str:
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise UserError(f"{path}: looks like a binary file (it contains NUL bytes), not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start})") from None
+
+
+def _base_suffix(path: Path) -> str:
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the tokenization could: the full serialized tokenizer and its EOS."""
+    backend = tokenizer.backend_tokenizer.to_str()
+    return hashlib.sha256(f"{backend}\0{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict) -> np.ndarray:
+    """The documents' tokens, each document followed by EOS, as a read-only memmap.
+
+    `key` (with the tokenizer's fingerprint added) names the cache entry: the same source, options and
+    tokenizer open the cached array without reading the documents; any change builds a new one.
+    """
+    key = {**key, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    cache_dir = Path(cache_dir)
+    path, meta_path = cache_dir / f"{name}.tokens", cache_dir / f"{name}.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
+    eos = tokenizer.eos_token_id
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    tokens = documents_done = 0
+    with open(temporary, "wb") as out:
+        for batch in _batches(documents, TOKENIZE_BATCH):
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                np.asarray(ids + [eos], dtype=dtype).tofile(out)
+                tokens += len(ids) + 1
+            documents_done += len(batch)
+    if tokens == 0:
+        temporary.unlink()
+        raise UserError(f"{key.get('source')}: no text (the corpus is empty or whitespace only)")
+    os.replace(temporary, path)
+    # The metadata is written last: its presence marks a complete cache entry.
+    meta = {"dtype": np.dtype(dtype).name, "tokens": tokens, "documents": documents_done, "key": key}
+    meta_path.write_text(json.dumps(meta))
+    return np.memmap(path, dtype=dtype, mode="r", shape=(tokens,))
+
+
+def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class GroupedTextBlocks(Dataset):
+    """Blocks of `block_size` input tokens and their next-token targets, cut from a token stream.
+
+    Block i reads tokens [i*B, (i+1)*B] (B+1 tokens): inputs are the first B, targets the last B.
+    Consecutive blocks share one token, so every token after the first is a target exactly once;
+    no target is lost at a block boundary. The last block may be shorter; the collator pads it and
+    masks the padding out of the loss. With `drop_last` it is left out instead.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, drop_last: bool = False):
+        self.tokens = tokens
+        self.block_size = block_size
+        targets = len(tokens) - 1
+        self.num_blocks = targets // block_size if drop_last else -(-targets // block_size)
+        self.lengths = np.full(self.num_blocks, block_size, dtype=np.int64)
+        if self.num_blocks and not drop_last:
+            self.lengths[-1] = targets - (self.num_blocks - 1) * block_size
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index: int) -> dict:
+        start = index * self.block_size
+        window = self.tokens[start : start + self.lengths[index] + 1].astype(np.int64).tolist()
+        return {"input_ids": window[:-1], "labels": window[1:], "feature_index": index}
