@@ -1,11 +1,12 @@
-"""Answer questions with a fine-tuned checkpoint.
+"""Answer questions, or generate text, with a fine-tuned checkpoint.
 
     python predict.py --context "..." --question "..."
     python predict.py --context-file article.txt --question "..." --json
     python predict.py --input questions.jsonl --output predictions.json
+    python predict.py --prompt "Once upon a time" --max-new-tokens 80 --seed 1
 
 Works with every checkpoint train.py writes (extractive, seq2seq, decoder-only, LoRA adapter,
-merged LoRA), and uses the same windowing, forward pass and answer selection as evaluation.
+merged LoRA, causal LM), and uses the same windowing, forward pass and answer selection as evaluation.
 """
 import argparse
 import json
@@ -13,19 +14,21 @@ import logging
 import sys
 from pathlib import Path
 
+from clm.generation import generate_text, prompt_ids
 from data.squad import SquadExample, SquadExamples
 from engine.checkpoint import find_checkpoint, load_run_config
 from engine.device import pick_device, pick_precision
 from engine.errors import UserError, run_cli
 from models.backbones import load_tokenizer
+from models.transfer import load_trained_model
 from qa.metrics import squad_scores
-from qa.styles import load_qa_model, make_qa
+from qa.styles import make_qa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="outputs/qa/best",
-                   help="checkpoint directory written by train.py (default: outputs/qa/best)")
+    p.add_argument("--checkpoint",
+                   help="checkpoint directory written by train.py (default: outputs/qa/best, with --prompt outputs/clm/best)")
     p.add_argument("--question", help="the question to answer")
     context = p.add_mutually_exclusive_group()
     context.add_argument("--context", help="the text that contains the answer")
@@ -36,13 +39,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (default: 64)")
     p.add_argument("--max-answer-tokens", type=int, help="generative: longest answer in tokens (default: as trained)")
     p.add_argument("--num-beams", type=int, help="generative: beam search width, 1 for greedy (default: as trained)")
+    gen = p.add_argument_group("text generation from a causal LM checkpoint (--task clm)")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="generate a continuation of this text, streamed as it is produced")
+    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
+    gen.add_argument("--chat", action="store_true", help="put the prompt in the model's chat template as the user turn")
+    gen.add_argument("--max-new-tokens", type=int, default=100, help="(default: 100)")
+    gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=True,
+                     help="sample (default) or, with --no-do-sample / --greedy, take the most likely token")
+    gen.add_argument("--greedy", dest="do_sample", action="store_false", help="same as --no-do-sample")
+    gen.add_argument("--temperature", type=float, default=0.8, help="(default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=50, help="(default: 50; 0 for no limit)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="(default: 0.95)")
+    gen.add_argument("--num-return-sequences", type=int, default=1, help="(default: 1; more than 1 is printed at the end)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="(default: auto)")
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_answer_tokens", "num_beams"):
+    for name in ("batch_size", "max_answer_tokens", "num_beams", "max_new_tokens", "num_return_sequences"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.prompt is not None or args.prompt_file:
+        if args.question or args.context or args.context_file or args.input:
+            p.error("--prompt generates text; it does not combine with the question-answering flags")
+        args.checkpoint = args.checkpoint or "outputs/clm/best"
+        return args
+    args.checkpoint = args.checkpoint or "outputs/qa/best"
     if args.input:
         if args.question or args.context or args.context_file:
             p.error("--input replaces --question/--context/--context-file")
@@ -64,6 +87,32 @@ def read_examples(args) -> list[SquadExample]:
     return SquadExamples.from_records([("command line", record)], "command line", require_answers=False).examples
 
 
+def generate(args, checkpoint: Path, settings: dict) -> None:
+    """--prompt: continue the prompt with a causal LM checkpoint (any train.py checkpoint of one)."""
+    if settings.get("model_kind") != "causal-lm":
+        raise UserError(f"{checkpoint}: --prompt needs a causal LM checkpoint (train.py --task clm, or generative QA "
+                        "with a decoder-only model)")
+    text = args.prompt
+    if args.prompt_file:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"{args.prompt_file}: cannot read ({error})") from None
+    tokenizer = load_tokenizer(str(checkpoint))
+    if args.chat and not tokenizer.chat_template:
+        raise UserError(f"{checkpoint}: --chat needs a tokenizer with a chat template, and this one has none")
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    model = load_trained_model(checkpoint, settings).to(device)
+    stream = args.num_return_sequences == 1
+    texts = generate_text(model, tokenizer, prompt_ids(tokenizer, text, args.chat), vars(args), device, precision, stream)
+    if stream:
+        print()
+    else:
+        for number, generated in enumerate(texts, start=1):
+            print(f"--- {number}\n{generated}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -73,6 +122,9 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
     checkpoint = find_checkpoint(Path(args.checkpoint))
     settings = load_run_config(checkpoint)
+    if args.prompt is not None or args.prompt_file:
+        generate(args, checkpoint, settings)
+        return
     if settings.get("task") != "qa":
         raise UserError(f"{checkpoint}: not a question-answering checkpoint written by train.py (no run_config.json)")
     for name in ("max_answer_tokens", "num_beams"):
@@ -83,7 +135,7 @@ def main(argv=None) -> None:
     precision = pick_precision(args.precision, device)
     qa = make_qa(settings, load_tokenizer(str(checkpoint)))
     features = qa.features(examples, args.input or "command line")
-    model = load_qa_model(checkpoint, settings).to(device)
+    model = load_trained_model(checkpoint, settings).to(device)
     predictions = qa.answer_questions(model, features, device, precision, args.batch_size)
 
     if args.json:

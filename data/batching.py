@@ -23,7 +23,8 @@ class TrainBatches:
 
     def __init__(self, lengths, paragraph_ids, batch_size: int, seed: int, group_by_length: bool, mega_batches: int = 32):
         self.lengths = np.asarray(lengths)
-        self.paragraph_ids = np.asarray(paragraph_ids)
+        # Without paragraphs (text blocks), every feature stands alone.
+        self.paragraph_ids = np.arange(len(self.lengths)) if paragraph_ids is None else np.asarray(paragraph_ids)
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length

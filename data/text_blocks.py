@@ -58,14 +58,32 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        value = record
-        for key in text_field.split("."):
-            value = _field(value, key)
-            if value is None:
-                raise UserError(f"{path}:{number}: no field {text_field!r} (use --text-field to name the text)")
-        text = " ".join(_strings(value, f"{path}:{number}", text_field))
+        text = record_text(record, text_field, f"{path}:{number}")
         if text.strip():
             yield text
+
+
+def record_text(record: dict, text_field: str, where: str) -> str:
+    """The text at a dotted field path of a record; lists of strings (at any level) are joined."""
+    value = record
+    for key in text_field.split("."):
+        value = _field(value, key)
+        if value is None:
+            raise UserError(f"{where}: no field {text_field!r} (use --text-field to name the text)")
+    return " ".join(_strings(value, where, text_field))
+
+
+def hub_documents(name: str, config: str | None, split: str, text_field: str) -> tuple[Iterator[str], str]:
+    """The documents of a Hub dataset split (one per record) and the split's fingerprint, for the cache key."""
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # noqa: BLE001 - offline, unknown name, unknown config: one line for the user
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--dataset {name} {config or ''}: cannot load split {split!r} ({first})") from None
+    documents = (record_text(r, text_field, f"{name}[{split}] record {i}") for i, r in enumerate(data))
+    return (d for d in documents if d.strip()), data._fingerprint
 
 
 def _field(value, key: str):
@@ -101,6 +119,17 @@ def _base_suffix(path: Path) -> str:
     return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 
+def content_hash(files: list[Path]) -> str:
+    """sha256 over the files' names and bytes, read in chunks: the cache key of a source."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the tokenization could: the full serialized tokenizer and its EOS."""
     backend = tokenizer.backend_tokenizer.to_str()
@@ -133,7 +162,7 @@ def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict
             documents_done += len(batch)
     if tokens == 0:
         temporary.unlink()
-        raise UserError(f"{key.get('source')}: no text (the corpus is empty or whitespace only)")
+        raise UserError(f"the {key.get('part', 'text')} corpus has no text (empty or whitespace only)")
     os.replace(temporary, path)
     # The metadata is written last: its presence marks a complete cache entry.
     meta = {"dtype": np.dtype(dtype).name, "tokens": tokens, "documents": documents_done, "key": key}

@@ -1,12 +1,11 @@
-"""Which way a model answers questions, chosen from its architecture, and loading a QA checkpoint.
+"""Which way a model answers questions, chosen from its architecture.
 
 encoder-only -> extractive (a span head points at the answer in the context);
 encoder-decoder -> generative seq2seq; decoder-only -> generative from a prompt. `--qa-style`
 overrides where the other style makes sense (a T5 or GPT-2 with a span head).
 """
-from models.backbones import ENCODER_DECODER, ENCODER_ONLY, architecture, has_span_head, load_model, resolve_model
+from models.backbones import ENCODER_DECODER, ENCODER_ONLY, architecture, has_span_head
 from engine.errors import UserError
-from models.transfer import load_lora
 from qa.extractive import ExtractiveQA
 from qa.generative import GenerativeQA
 
@@ -27,11 +26,3 @@ def choose_qa_style(config, requested: str | None) -> tuple[str, str]:
 
 def make_qa(settings: dict, tokenizer) -> ExtractiveQA | GenerativeQA:
     return (ExtractiveQA if settings["qa_style"] == "extractive" else GenerativeQA)(tokenizer, settings)
-
-
-def load_qa_model(checkpoint, settings: dict, trainable: bool = False, attention_dropout: float | None = None):
-    """A model saved by train.py: full weights, or a LoRA adapter put back on its base model."""
-    if settings.get("lora"):
-        base = load_model(resolve_model(settings["base_model"]), settings["model_kind"], attention_dropout)
-        return load_lora(base, checkpoint, trainable)
-    return load_model(str(checkpoint), settings["model_kind"], attention_dropout)

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 
 from data.batching import PadToLongest
-from data.text_blocks import GroupedTextBlocks, read_documents, source_files, token_stream
+from data.text_blocks import GroupedTextBlocks, content_hash, hub_documents, read_documents, source_files, token_stream
 from engine.errors import UserError
 
 TEXT = "The first document.\nIt has two lines.\n\nThe second document.\n\n\n\nThe third, after extra blank lines.\n"
 
 
 def stream(tokenizer, path, cache_dir, **options):
-    documents = (d for f in source_files(str(path)) for d in read_documents(f, **options))
-    return token_stream(documents, tokenizer, cache_dir, {"source": str(path), **options})
+    files = source_files(str(path))
+    documents = (d for f in files for d in read_documents(f, **options))
+    return token_stream(documents, tokenizer, cache_dir, {"content": content_hash(files), **options})
 
 
 def test_text_files_split_into_paragraphs_or_lines(tmp_path):
@@ -100,3 +101,19 @@ def test_unusable_text_is_one_clear_error(tmp_path, tiny_tokenizer, content, mes
     path.write_bytes(content)
     with pytest.raises(UserError, match=message):
         stream(tiny_tokenizer, path, tmp_path / "cache")
+
+
+def test_hub_documents_come_from_the_text_field(monkeypatch):
+    import datasets
+
+    data = datasets.Dataset.from_dict({"text": ["First line.", "  ", "Second line."]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: data)
+    documents, fingerprint = hub_documents("wikitext", "wikitext-2-raw-v1", "train", "text")
+    assert list(documents) == ["First line.", "Second line."] and fingerprint == data._fingerprint
+
+    def offline(name, config, split):
+        raise ConnectionError("Couldn't reach the Hub\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match=r"--dataset wikitext wikitext-2-raw-v1: cannot load split 'train' \(Couldn't reach the Hub\)"):
+        hub_documents("wikitext", "wikitext-2-raw-v1", "train", "text")

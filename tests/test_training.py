@@ -67,7 +67,7 @@ def test_resume_after_a_crash_gives_identical_weights(run_a, tiny_model_dir, tmp
     assert not different, f"resumed run differs in {len(different)} tensors, e.g. {different[:3]}"
     state_a, state_b = training_state(run_a / "latest"), training_state(output_dir / "latest")
     assert state_a["state"]["step"] == state_b["state"]["step"] == 8
-    assert state_a["state"]["best_f1"] == state_b["state"]["best_f1"]
+    assert state_a["state"]["best_score"] == state_b["state"]["best_score"]
     assert json.loads((run_a / "predictions.json").read_text()) == json.loads((output_dir / "predictions.json").read_text())
 
 
@@ -168,7 +168,7 @@ def tiny_run(model_dir, seed=0, kind="span", qa=None):
     model = load_model(str(model_dir), kind)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     return argparse.Namespace(
-        model=model, qa=qa or ExtractiveQA(None, {}), device=torch.device("cpu"), precision="fp32", optimizer=optimizer,
+        model=model, task=qa or ExtractiveQA(None, {}), device=torch.device("cpu"), precision="fp32", optimizer=optimizer,
         scheduler=linear_warmup_decay(optimizer, 0, 10), scaler=torch.amp.GradScaler("cpu", enabled=False),
     )
 

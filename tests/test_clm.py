@@ -1,0 +1,117 @@
+"""Causal language modelling end to end on the tiny Llama: perplexity against a hand computation,
+token-normalised gradient accumulation, a short run lowering perplexity, seeded generation, and
+one-line errors for unusable corpora."""
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import PREDICT_FLAGS, assert_one_line_error, run_in_parallel, run_script
+
+import train
+from clm.language_model import count_targets, next_token_loss, perplexity
+from data.batching import PadToLongest
+from data.text_blocks import GroupedTextBlocks
+from engine.optim import linear_warmup_decay
+from models.backbones import load_model
+
+TEXT = ("The river runs past the old mill and under the stone bridge. " * 3 + "\n\n"
+        + "In spring the meadow fills with yellow flowers and the bees return. " * 3 + "\n\n"
+        + "A small boat waits by the pier for the morning tide. " * 3)
+
+
+def token_ids(tokenizer) -> np.ndarray:
+    eos = tokenizer.eos_token_id
+    ids = [t for paragraph in TEXT.split("\n\n") for t in tokenizer(paragraph, add_special_tokens=False)["input_ids"] + [eos]]
+    return np.array(ids, dtype=np.uint16)
+
+
+def test_perplexity_is_exp_of_the_mean_nll_over_all_targets(tiny_llama_dir, tiny_tokenizer):
+    model = load_model(str(tiny_llama_dir), "causal-lm")
+    tokens = token_ids(tiny_tokenizer)
+    blocks = GroupedTextBlocks(tokens, block_size=16)
+    assert blocks.lengths[-1] < 16  # a padded last block is part of the test
+    # By hand: each block's targets scored with the model on exactly that block's inputs.
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(blocks)):
+            block = blocks[i]
+            logits = model(input_ids=torch.tensor([block["input_ids"]])).logits[0]
+            log_probs = F.log_softmax(logits.double(), dim=-1)
+            nll -= log_probs[torch.arange(len(block["labels"])), torch.tensor(block["labels"])].sum().item()
+            count += len(block["labels"])
+    assert count == len(tokens) - 1
+    scores = perplexity(model, blocks, tiny_tokenizer.pad_token_id, torch.device("cpu"), "fp32", batch_size=3)
+    assert scores["tokens"] == count
+    assert scores["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_grad_accumulation_equals_one_batch_k_times_larger(tiny_llama_dir, tiny_tokenizer):
+    blocks = GroupedTextBlocks(token_ids(tiny_tokenizer), block_size=12)
+    collate = PadToLongest(tiny_tokenizer.pad_token_id)
+    items = [blocks[i] for i in range(len(blocks))]  # the last block is shorter: unequal target counts
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = load_model(str(tiny_llama_dir), "causal-lm")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        runs.append(SimpleNamespace(
+            model=model, task=SimpleNamespace(loss=next_token_loss, count_targets=count_targets),
+            device=torch.device("cpu"), precision="fp32", optimizer=optimizer,
+            scheduler=linear_warmup_decay(optimizer, 0, 10), scaler=torch.amp.GradScaler("cpu", enabled=False)))
+    k = 3
+    pieces = [items[i::k] for i in range(k)]
+    loss_a, _ = train.train_step(runs[0], [collate(p) for p in pieces], max_grad_norm=1e9)
+    loss_b, _ = train.train_step(runs[1], [collate(items)], max_grad_norm=1e9)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for (name, a), b in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def clm_run(tmp_path_factory, tiny_llama_dir):
+    output_dir = tmp_path_factory.mktemp("clm")
+    train.main(["--task", "clm", "--model", str(tiny_llama_dir), "--block-size", "64", "--max-steps", "40",
+                "--batch-size", "8", "--learning-rate", "1e-2", "--device", "cpu", "--precision", "fp32",
+                "--output-dir", str(output_dir), "--cache-dir", str(output_dir / "cache")])
+    return output_dir
+
+
+def test_a_short_run_lowers_validation_perplexity(clm_run):
+    results = json.loads((clm_run / "results.json").read_text())
+    print(f"perplexity {results['initial_eval']['perplexity']:.1f} -> {results['eval']['perplexity']:.1f}")
+    assert results["eval"]["perplexity"] < 0.5 * results["initial_eval"]["perplexity"]
+    assert json.loads((clm_run / "best" / "run_config.json").read_text())["task"] == "clm"
+
+
+def test_generation_is_reproducible_with_a_seed(clm_run):
+    prompt = ["--checkpoint", clm_run / "best", "--prompt", "The river", "--max-new-tokens", "12", *PREDICT_FLAGS]
+    results = run_in_parallel({
+        "a": ("predict.py", [*prompt, "--seed", "1"]), "b": ("predict.py", [*prompt, "--seed", "1"]),
+        "c": ("predict.py", [*prompt, "--seed", "2", "--num-return-sequences", "3"]),
+        "greedy": ("predict.py", [*prompt, "--greedy"]),
+    })
+    for result in results.values():
+        assert result.returncode == 0, result.stderr
+    assert results["a"].stdout == results["b"].stdout and results["a"].stdout.strip()
+    assert results["c"].stdout.count("--- ") == 3
+
+
+@pytest.mark.parametrize("content, flags, mentions", [
+    ("", [], ["no text"]),
+    ("   \n\n  \n", [], ["no text"]),
+    ("Only a few words here.", ["--block-size", "512"], ["shorter than one block"]),
+    ('{"body": "text"}\n', ["--text-field", "text"], ["no field 'text'"]),
+    (b"caf\xe9\n", [], ["not UTF-8"]),
+    (TEXT, ["--block-size", "4096"], ["--block-size 4096", "context"]),
+])
+def test_unusable_corpora_are_one_error_line(tmp_path, tiny_llama_dir, content, flags, mentions):
+    path = tmp_path / ("corpus.jsonl" if "--text-field" in flags else "corpus.txt")
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    result = run_script("train.py", "--task", "clm", "--model", tiny_llama_dir, "--train-file", path,
+                        "--validation-file", path, "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "out",
+                        "--block-size", "16", *flags)
+    assert_one_line_error(result, *mentions)
