@@ -74,15 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def read_text_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read ({error})") from None
+
+
 def read_examples(args) -> list[SquadExample]:
     if args.input:
         return SquadExamples.load(args.input, require_answers=False).examples
-    context = args.context
-    if args.context_file:
-        try:
-            context = Path(args.context_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"{args.context_file}: cannot read ({error})") from None
+    context = read_text_file(args.context_file) if args.context_file else args.context
     record = {"id": "question", "context": context, "question": args.question}
     return SquadExamples.from_records([("command line", record)], "command line", require_answers=False).examples
 
@@ -92,12 +94,7 @@ def generate(args, checkpoint: Path, settings: dict) -> None:
     if settings.get("model_kind") != "causal-lm":
         raise UserError(f"{checkpoint}: --prompt needs a causal LM checkpoint (train.py --task clm, or generative QA "
                         "with a decoder-only model)")
-    text = args.prompt
-    if args.prompt_file:
-        try:
-            text = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"{args.prompt_file}: cannot read ({error})") from None
+    text = read_text_file(args.prompt_file) if args.prompt_file else args.prompt
     tokenizer = load_tokenizer(str(checkpoint))
     if args.chat and not tokenizer.chat_template:
         raise UserError(f"{checkpoint}: --chat needs a tokenizer with a chat template, and this one has none")

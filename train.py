@@ -132,7 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=3, help="passes over the training windows")
     opt.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
-    opt.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch")
+    opt.add_argument("--batch-size", type=int,
+                     help="windows (qa) or blocks (clm) per micro-batch; default 16 for qa, 8 for clm")
     opt.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     opt.add_argument("--learning-rate", type=learning_rate, default="auto",
                      help="peak AdamW learning rate; auto: 3e-4 for LoRA and for models under 50M parameters such as "
@@ -145,7 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--seed", type=int, default=42, help="seed for initialisation, dropout and data order")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval-steps", type=int, help="also evaluate every N optimizer steps (always at each epoch end)")
-    ev.add_argument("--eval-batch-size", type=int, default=64, help="windows per evaluation batch")
+    ev.add_argument("--eval-batch-size", type=int,
+                    help="windows or blocks per evaluation batch; default 64 for qa, 8 for clm (its logits span the "
+                         "whole vocabulary at every position)")
     ev.add_argument("--n-best", type=int, default=20, help="extractive: start and end candidates per window in the span search")
     ev.add_argument("--max-answer-length", type=int, default=30, help="extractive: longest answer span, in tokens")
     ev.add_argument("--null-score-diff-threshold", type=float, default=0.0,
@@ -168,10 +171,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.lora and (args.freeze or args.train_last_layers):
         p.error("--lora already freezes the model's weights; it does not combine with --freeze or --train-last-layers")
+    if args.task == "clm" and (args.max_train_samples or args.max_eval_samples):
+        p.error("--max-train-samples and --max-eval-samples count questions (--task qa); for clm, shorten the text files")
     if args.merge_lora and not args.lora:
         p.error("--merge-lora needs --lora")
     args.model = args.model or DEFAULT_MODELS["generative" if args.task == "clm" else args.qa_style or "extractive"]
     args.output_dir = args.output_dir or f"outputs/{args.task}"
+    args.batch_size = args.batch_size or (8 if args.task == "clm" else 16)
+    args.eval_batch_size = args.eval_batch_size or (8 if args.task == "clm" else 64)
     if args.train_file is None:
         args.train_file = str(SAMPLES / ("text_sample.txt" if args.task == "clm" else "squad_train.json"))
     if args.task == "qa" and args.validation_file is None:

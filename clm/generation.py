@@ -5,13 +5,12 @@ from engine.device import autocast
 
 
 def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
-    """The prompt as the model saw text in training: BOS first when it has one, nothing appended.
-    With `chat`, the text is the user turn of the model's chat template."""
+    """The prompt where a document starts in training, right after the EOS that ends the one before
+    (data/text_blocks.py). With `chat`, the text is the user turn of the model's chat template."""
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id] + ids if tokenizer.bos_token_id is not None else ids
+    return [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()

@@ -8,7 +8,8 @@ import numpy as np
 
 from clm.language_model import count_targets, next_token_loss, perplexity
 from data.batching import PadToLongest
-from data.text_blocks import GroupedTextBlocks, content_hash, hub_documents, read_documents, source_files, token_stream
+from data.text_blocks import (GroupedTextBlocks, content_hash, hub_documents, load_hub_dataset, read_documents,
+                              source_files, token_stream)
 from engine.errors import UserError
 from models.backbones import load_config, load_tokenizer
 
@@ -29,11 +30,19 @@ class CLMTask:
         cache = Path(args.cache_dir)
         train_tokens = token_stream(train_documents, self.tokenizer, cache, {**key, "part": "train"})
         eval_tokens = token_stream(eval_documents, self.tokenizer, cache, {**key, "part": "validation"})
+        train_source = args.dataset or args.train_file
+        if not len(train_tokens):
+            raise UserError(f"{train_source}: no text to train on (empty or whitespace only)")
+        if len(train_tokens) - 1 < block_size:
+            raise UserError(f"{train_source}: the training text has {len(train_tokens)} tokens, shorter than one block "
+                            f"of {block_size} (use a smaller --block-size)")
+        if not len(eval_tokens):
+            raise UserError(f"{train_source}: no document was held out for validation (give a --validation-file, or a "
+                            f"--validation-split above {args.validation_split})" if "validation_split" in key else
+                            f"{args.validation_file or args.dataset + '[validation]'}: no text to validate on (empty or "
+                            "whitespace only)")
         self.train_set = GroupedTextBlocks(train_tokens, block_size, args.drop_last)
         self.eval_set = GroupedTextBlocks(eval_tokens, block_size)
-        if len(train_tokens) - 1 < block_size:
-            raise UserError(f"{args.train_file}: the training text has {len(train_tokens)} tokens, shorter than one block "
-                            f"of {block_size} (use a smaller --block-size)")
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.collate = PadToLongest(self.pad_token_id)
         self.settings = {"task": "clm", "model_kind": "causal-lm", "block_size": block_size, "lora": args.lora,
@@ -43,26 +52,37 @@ class CLMTask:
 
     @staticmethod
     def _sources(args):
-        """(train documents, validation documents, cache key). Without a validation source, a seeded
-        share of the training documents is held out (each document goes to one side only)."""
-        if args.dataset:
-            train, train_fingerprint = hub_documents(args.dataset, args.dataset_config, "train", args.text_field)
-            validation, validation_fingerprint = hub_documents(args.dataset, args.dataset_config, "validation",
-                                                               args.text_field)
-            return train, validation, {"train": train_fingerprint, "validation": validation_fingerprint}
+        """(train documents, validation documents, cache key). Without a validation source (file or
+        Hub split), a seeded share of the training documents is held out, each document to one side."""
         options = {"line_by_line": args.line_by_line, "text_field": args.text_field}
+        if args.dataset:
+            splits = load_hub_dataset(args.dataset, args.dataset_config)
+            if "train" not in splits:
+                raise UserError(f"--dataset {args.dataset}: no 'train' split (it has {', '.join(splits)})")
 
-        def documents(source):
-            return (d for f in source_files(source) for d in read_documents(f, **options))
+            def documents(split):
+                return hub_documents(splits[split], args.text_field, f"{args.dataset}[{split}]")
 
-        key = {**options, "train": content_hash(source_files(args.train_file))}
-        if args.validation_file:
-            key["validation"] = content_hash(source_files(args.validation_file))
-            return documents(args.train_file), documents(args.validation_file), key
+            key = {**options, "train": splits["train"]._fingerprint}
+            validation = "validation" if "validation" in splits else None
+            if validation:
+                key["validation"] = splits[validation]._fingerprint
+            source = "train"
+        else:
+            def documents(path):
+                return (d for f in source_files(path) for d in read_documents(f, **options))
 
-        def side(validation: bool):
+            key = {**options, "train": content_hash(source_files(args.train_file))}
+            validation = args.validation_file
+            if validation:
+                key["validation"] = content_hash(source_files(validation))
+            source = args.train_file
+        if validation:
+            return documents(source), documents(validation), key
+
+        def side(held_out: bool):
             rng = np.random.default_rng(args.seed)
-            return (d for d in documents(args.train_file) if (rng.random() < args.validation_split) == validation)
+            return (d for d in documents(source) if (rng.random() < args.validation_split) == held_out)
 
         return side(False), side(True), {**key, "validation_split": args.validation_split, "seed": args.seed}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from data.jsonl import jsonl_records
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -100,22 +101,9 @@ def _read_file(path: Path):
     except (OSError, UnicodeDecodeError, EOFError) as error:
         raise UserError(f"{path}: cannot read ({error})") from None
     if jsonl:
-        yield from _jsonl_records(path, lines)
+        yield from jsonl_records(path, lines)
     else:
         yield from _squad_json_records(path, document)
-
-
-def _jsonl_records(path: Path, lines: list[str]):
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: malformed JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield f"{path}:{number}", record
 
 
 def _squad_json_records(path: Path, document):

@@ -2,8 +2,8 @@
 
 Documents are tokenized once, each followed by EOS, and their tokens concatenated into one stream
 that is written to disk as a flat uint16/uint32 array (a memmap), keyed by the tokenizer and the
-source's content. A second run on the same data opens the cache at once, and a corpus larger than
-RAM is tokenized and read in pieces. `GroupedTextBlocks` cuts the stream into `block_size` blocks;
+source's content. A second run on the same data opens the cache at once; files are read line by
+line and tokenized in batches, so a corpus larger than RAM works too. `GroupedTextBlocks` cuts the stream into `block_size` blocks;
 the last, partial block is kept with its padding masked out of the loss, unless `drop_last`.
 """
 import gzip
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from data.jsonl import jsonl_records
 from engine.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -39,28 +40,44 @@ def source_files(source: str) -> list[Path]:
 
 def read_documents(path: Path, line_by_line: bool = False, text_field: str | None = None) -> Iterator[str]:
     """The documents of one file: blank-line-separated paragraphs of a text file (or its non-empty
-    lines with `line_by_line`), or the `text_field` of each JSON Lines record."""
+    lines with `line_by_line`), or the `text_field` of each JSON Lines record. The file is read line
+    by line, so it never has to fit in memory."""
     if _base_suffix(path) == ".jsonl":
         yield from _jsonl_documents(path, text_field or "text")
         return
-    text = _read_text(path)
-    pieces = text.splitlines() if line_by_line else text.replace("\r\n", "\n").split("\n\n")
-    for piece in pieces:
-        if piece.strip():
-            yield piece.strip("\n")
+    paragraph = []
+    for _, line in _lines(path):
+        if not line.strip():
+            if paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+        elif line_by_line:
+            yield line
+        else:
+            paragraph.append(line)
+    if paragraph:
+        yield "\n".join(paragraph)
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        text = record_text(record, text_field, f"{path}:{number}")
+    for where, record in jsonl_records(path, (line for _, line in _lines(path))):
+        text = record_text(record, text_field, where)
         if text.strip():
             yield text
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line ending) of a UTF-8 text file, plain or gzipped."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        if b"\x00" in f.peek(8192)[:8192]:
+            raise UserError(f"{path}: looks like a binary file (it contains NUL bytes), not text")
+        for number, raw in enumerate(f, start=1):
+            try:
+                # utf-8-sig: a byte-order mark some editors write is not part of the first line's text.
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path}:{number}: not UTF-8 text (byte {raw[error.start]:#04x} at byte "
+                                f"{error.start + 1} of the line)") from None
 
 
 def record_text(record: dict, text_field: str, where: str) -> str:
@@ -73,17 +90,21 @@ def record_text(record: dict, text_field: str, where: str) -> str:
     return " ".join(_strings(value, where, text_field))
 
 
-def hub_documents(name: str, config: str | None, split: str, text_field: str) -> tuple[Iterator[str], str]:
-    """The documents of a Hub dataset split (one per record) and the split's fingerprint, for the cache key."""
+def load_hub_dataset(name: str, config: str | None):
+    """All splits of a Hub dataset (a DatasetDict); one error line when it cannot be loaded."""
     import datasets
 
     try:
-        data = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config)
     except Exception as error:  # noqa: BLE001 - offline, unknown name, unknown config: one line for the user
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--dataset {name} {config or ''}: cannot load split {split!r} ({first})") from None
-    documents = (record_text(r, text_field, f"{name}[{split}] record {i}") for i, r in enumerate(data))
-    return (d for d in documents if d.strip()), data._fingerprint
+        raise UserError(f"--dataset {name} {config or ''}: cannot load it ({first})") from None
+
+
+def hub_documents(split, text_field: str, where: str) -> Iterator[str]:
+    """The documents of a Hub dataset split, one per record."""
+    documents = (record_text(r, text_field, f"{where} record {i}") for i, r in enumerate(split))
+    return (d for d in documents if d.strip())
 
 
 def _field(value, key: str):
@@ -102,17 +123,6 @@ def _strings(value, where: str, text_field: str) -> list[str]:
     if isinstance(value, list):
         return [s for item in value for s in _strings(item, where, text_field)]
     raise UserError(f"{where}: field {text_field!r} holds {type(value).__name__}, not text")
-
-
-def _read_text(path: Path) -> str:
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise UserError(f"{path}: looks like a binary file (it contains NUL bytes), not text")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start})") from None
 
 
 def _base_suffix(path: Path) -> str:
@@ -137,7 +147,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict) -> np.ndarray:
-    """The documents' tokens, each document followed by EOS, as a read-only memmap.
+    """The documents' tokens, each document followed by EOS, as a read-only memmap (empty, and not
+    cached, when there are no documents).
 
     `key` (with the tokenizer's fingerprint added) names the cache entry: the same source, options and
     tokenizer open the cached array without reading the documents; any change builds a new one.
@@ -160,9 +171,9 @@ def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict
                 np.asarray(ids + [eos], dtype=dtype).tofile(out)
                 tokens += len(ids) + 1
             documents_done += len(batch)
-    if tokens == 0:
+    if tokens == 0:  # nothing to cache; the caller says why that is a problem
         temporary.unlink()
-        raise UserError(f"the {key.get('part', 'text')} corpus has no text (empty or whitespace only)")
+        return np.zeros(0, dtype=dtype)
     os.replace(temporary, path)
     # The metadata is written last: its presence marks a complete cache entry.
     meta = {"dtype": np.dtype(dtype).name, "tokens": tokens, "documents": documents_done, "key": key}

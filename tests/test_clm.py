@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PREDICT_FLAGS, assert_one_line_error, run_in_parallel, run_script
+from conftest import PREDICT_FLAGS, assert_one_line_error, crash_then_resume, run_in_parallel, run_script
+from safetensors.torch import load_file
 
 import train
+from clm.task import CLMTask
 from clm.language_model import count_targets, next_token_loss, perplexity
 from data.batching import PadToLongest
 from data.text_blocks import GroupedTextBlocks
@@ -98,6 +100,61 @@ def test_generation_is_reproducible_with_a_seed(clm_run):
         assert result.returncode == 0, result.stderr
     assert results["a"].stdout == results["b"].stdout and results["a"].stdout.strip()
     assert results["c"].stdout.count("--- ") == 3
+
+
+@pytest.mark.parametrize("transfer", [["--lora"], ["--train-last-layers", "1"]])
+def test_lora_and_freezing_train_a_part_and_predict_loads_it(tmp_path, tiny_llama_dir, transfer):
+    output_dir = tmp_path / "out"
+    train.main(["--task", "clm", "--model", str(tiny_llama_dir), "--block-size", "32", "--max-steps", "3", *transfer,
+                "--device", "cpu", "--precision", "fp32", "--output-dir", str(output_dir), "--cache-dir", str(tmp_path / "c")])
+    results = json.loads((output_dir / "results.json").read_text())
+    assert 0 < results["trainable_parameters"] < results["total_parameters"]
+    prompt = ["--checkpoint", output_dir / "best", "--prompt", "The river", "--max-new-tokens", "5", "--greedy", *PREDICT_FLAGS]
+    first, second = run_script("predict.py", *prompt), run_script("predict.py", *prompt)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+
+
+def test_resume_after_a_crash_gives_identical_weights(tiny_llama_dir, tmp_path, monkeypatch):
+    def argv(output_dir):
+        return ["--task", "clm", "--model", str(tiny_llama_dir), "--block-size", "32", "--batch-size", "2",
+                "--grad-accum-steps", "2", "--max-steps", "7", "--save-steps", "3", "--learning-rate", "1e-2",
+                "--device", "cpu", "--precision", "fp32", "--output-dir", str(output_dir), "--cache-dir", str(tmp_path / "cache")]
+
+    train.main(argv(tmp_path / "straight"))
+    saved_step, resumed_calls = crash_then_resume(monkeypatch, argv(tmp_path / "resumed"), crash_on_call=5)
+    assert saved_step == 3 and resumed_calls == 4  # continued from the step-3 checkpoint, not restarted
+    a, b = (load_file(str(tmp_path / run / "latest" / "model.safetensors")) for run in ("straight", "resumed"))
+    assert not any(torch.equal(a[k], v) for k, v in load_file(str(tiny_llama_dir / "model.safetensors")).items()
+                   if k in a and v.dim() > 1), "training did not change the weights"
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "resumed")]
+    assert results[0]["eval"]["loss"] == results[1]["eval"]["loss"]
+
+
+def test_held_out_validation_documents_are_seeded_and_disjoint(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"Document number {i}." for i in range(200)))
+
+    def split(seed):
+        args = SimpleNamespace(dataset=None, line_by_line=False, text_field="text", train_file=str(path),
+                               validation_file=None, validation_split=0.25, seed=seed)
+        train_documents, validation_documents, _ = CLMTask._sources(args)
+        return list(train_documents), list(validation_documents)
+
+    train_documents, validation_documents = split(seed=1)
+    assert sorted(train_documents + validation_documents) == sorted(f"Document number {i}." for i in range(200))
+    assert 30 <= len(validation_documents) <= 70
+    assert split(seed=1) == (train_documents, validation_documents)
+    assert split(seed=2) != (train_documents, validation_documents)
+
+
+def test_nothing_held_out_is_one_error_line(tmp_path, tiny_llama_dir):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    result = run_script("train.py", "--task", "clm", "--model", tiny_llama_dir, "--train-file", path, "--block-size", "16",
+                        "--validation-split", "0.01", "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "out")
+    assert_one_line_error(result, "corpus.txt", "no document was held out", "--validation-split")
 
 
 @pytest.mark.parametrize("content, flags, mentions", [

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data.batching import PadToLongest
-from data.text_blocks import GroupedTextBlocks, content_hash, hub_documents, read_documents, source_files, token_stream
+from data.text_blocks import (GroupedTextBlocks, content_hash, hub_documents, load_hub_dataset, read_documents, source_files,
+                              token_stream)
 from engine.errors import UserError
 
 TEXT = "The first document.\nIt has two lines.\n\nThe second document.\n\n\n\nThe third, after extra blank lines.\n"
@@ -26,6 +27,12 @@ def test_text_files_split_into_paragraphs_or_lines(tmp_path):
                                           "The third, after extra blank lines."]
     assert list(read_documents(path, line_by_line=True)) == ["The first document.", "It has two lines.",
                                                              "The second document.", "The third, after extra blank lines."]
+
+
+def test_windows_line_endings_a_byte_order_mark_and_blank_looking_lines(tmp_path):
+    path = tmp_path / "notepad.txt"
+    path.write_bytes("\ufeffFirst line\r\nsecond line\r\n \t\r\nNext document\r\n".encode())
+    assert list(read_documents(path)) == ["First line\nsecond line", "Next document"]
 
 
 def test_jsonl_dotted_fields_and_lists_are_flattened(tmp_path):
@@ -91,9 +98,8 @@ def test_the_cache_is_reused_and_invalidated(tmp_path, tiny_tokenizer, monkeypat
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "no text"),
-    (b"  \n\n \t\n", "no text"),
     (b"caf\xe9 au lait\n", ":1: not UTF-8"),
+    (b"fine\nthen caf\xe9\n", ":2: not UTF-8"),
     (b"\x00\x01\x02binary", "binary"),
 ])
 def test_unusable_text_is_one_clear_error(tmp_path, tiny_tokenizer, content, message):
@@ -103,17 +109,25 @@ def test_unusable_text_is_one_clear_error(tmp_path, tiny_tokenizer, content, mes
         stream(tiny_tokenizer, path, tmp_path / "cache")
 
 
+@pytest.mark.parametrize("content", [b"", b"  \n\n \t\n"])
+def test_text_without_documents_gives_an_empty_uncached_stream(tmp_path, tiny_tokenizer, content):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(content)
+    assert len(stream(tiny_tokenizer, path, tmp_path / "cache")) == 0
+    assert not list((tmp_path / "cache").glob("*"))
+
+
 def test_hub_documents_come_from_the_text_field(monkeypatch):
     import datasets
 
-    data = datasets.Dataset.from_dict({"text": ["First line.", "  ", "Second line."]})
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: data)
-    documents, fingerprint = hub_documents("wikitext", "wikitext-2-raw-v1", "train", "text")
-    assert list(documents) == ["First line.", "Second line."] and fingerprint == data._fingerprint
+    split = datasets.Dataset.from_dict({"text": ["First line.", "  ", "Second line."]})
+    assert list(hub_documents(split, "text", "wikitext[train]")) == ["First line.", "Second line."]
+    with pytest.raises(UserError, match=r"wikitext\[train\] record 0: no field 'body'"):
+        list(hub_documents(split, "body", "wikitext[train]"))
 
-    def offline(name, config, split):
+    def offline(name, config):
         raise ConnectionError("Couldn't reach the Hub\nmore detail")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError, match=r"--dataset wikitext wikitext-2-raw-v1: cannot load split 'train' \(Couldn't reach the Hub\)"):
-        hub_documents("wikitext", "wikitext-2-raw-v1", "train", "text")
+    with pytest.raises(UserError, match=r"--dataset wikitext wikitext-2-raw-v1: cannot load it \(Couldn't reach the Hub\)$"):
+        load_hub_dataset("wikitext", "wikitext-2-raw-v1")
