@@ -123,7 +123,8 @@ def main(argv=None) -> None:
         generate(args, checkpoint, settings)
         return
     if settings.get("task") != "qa":
-        raise UserError(f"{checkpoint}: not a question-answering checkpoint written by train.py (no run_config.json)")
+        why = f"trained with --task {settings['task']}; generate from it with --prompt" if settings else "no run_config.json"
+        raise UserError(f"{checkpoint}: not a question-answering checkpoint written by train.py ({why})")
     for name in ("max_answer_tokens", "num_beams"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)

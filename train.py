@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clm.task import CLMTask
-from data import SAMPLES
 from data.batching import TrainBatches, length_sorted_pieces
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from engine.checkpoint import (find_checkpoint, load_run_config, load_training_state, restore_rng_state, rng_state,
@@ -42,6 +41,7 @@ TRAJECTORY_ARGS = ("model", "train_file", "dataset", "max_train_samples", "batch
                    "lora_targets", "task", "block_size", "drop_last", "line_by_line", "text_field", "validation_split",
                    "validation_file", "dataset_config")
 DEFAULT_MODELS = {"extractive": "minilm-l6", "generative": "smollm2-135m"}
+TASKS = {"qa": QATask, "clm": CLMTask}
 
 
 def learning_rate(value: str) -> float | None:
@@ -69,7 +69,7 @@ def parts(value: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Fine-tune a pretrained Transformers model; see README.md.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=["qa", "clm"], default="qa",
+    p.add_argument("--task", choices=list(TASKS), default="qa",
                    help="qa: question answering on SQuAD-format data; clm: causal language modelling on plain text")
     p.add_argument("--model",
                    help="local directory, .gguf file, Hugging Face Hub id, or alias; default minilm-l6 (MiniLM-L6-H384 from the "
@@ -177,12 +177,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--merge-lora needs --lora")
     args.model = args.model or DEFAULT_MODELS["generative" if args.task == "clm" else args.qa_style or "extractive"]
     args.output_dir = args.output_dir or f"outputs/{args.task}"
-    args.batch_size = args.batch_size or (8 if args.task == "clm" else 16)
-    args.eval_batch_size = args.eval_batch_size or (8 if args.task == "clm" else 64)
-    if args.train_file is None:
-        args.train_file = str(SAMPLES / ("text_sample.txt" if args.task == "clm" else "squad_train.json"))
-    if args.task == "qa" and args.validation_file is None:
-        args.validation_file = str(SAMPLES / "squad_validation.json")
+    for name, value in TASKS[args.task].DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
@@ -215,7 +212,7 @@ def setup(args):
         resume_from = find_checkpoint(output_dir / "latest" if args.resume == "latest" else Path(args.resume))
 
     base_model = resolve_model(args.model)
-    task = (CLMTask if args.task == "clm" else QATask)(args, base_model, resume_from)
+    task = TASKS[args.task](args, base_model, resume_from)
     model = build_model(args, base_model, resume_from, task.settings).to(device)
     trainable, total = count_parameters(model)
     if args.learning_rate is None:
@@ -455,6 +452,7 @@ def main(argv=None) -> None:
 
     transformers.logging.set_verbosity_error()  # our own log says what matters (e.g. a fresh head)
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries: our error line says it once
     with logging_redirect_tqdm():
         run = setup(args)
         scores = train(run, args)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from clm.language_model import count_targets, next_token_loss, perplexity
+from data import SAMPLES
 from data.batching import PadToLongest
 from data.text_blocks import (GroupedTextBlocks, content_hash, hub_documents, load_hub_dataset, read_documents,
                               source_files, token_stream)
@@ -18,6 +19,9 @@ log = logging.getLogger(__name__)
 
 class CLMTask:
     metric, higher_is_better = "loss", False
+    # train.py defaults that differ between tasks; evaluation batches stay small because the logits
+    # span the whole vocabulary at every position
+    DEFAULTS = {"train_file": str(SAMPLES / "text_sample.txt"), "batch_size": 8, "eval_batch_size": 8}
     SCALARS = ("loss", "perplexity")
 
     def __init__(self, args, base_model: str, resume_from: Path | None):

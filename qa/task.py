@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+from data import SAMPLES
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from data.squad import SquadExamples
 from engine.errors import UserError
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 class QATask:
     metric, higher_is_better = "f1", True
+    # train.py defaults that differ between tasks
+    DEFAULTS = {"train_file": str(SAMPLES / "squad_train.json"), "validation_file": str(SAMPLES / "squad_validation.json"),
+                "batch_size": 16, "eval_batch_size": 64}
 
     def __init__(self, args, base_model: str, resume_from: Path | None):
         # Data first: a mistake in a file is reported before minutes are spent loading a model.

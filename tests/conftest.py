@@ -121,6 +121,13 @@ def run_in_parallel(calls: dict) -> dict:
             return {name: future.result() for name, future in futures.items()}
 
 
+def one_step_generative_runs(output_dir: Path, cases: dict) -> dict:
+    """{name: extra train.py args} -> {name: CompletedProcess} of one-step generative runs on the
+    samples, in parallel: for settings that must fail with one error line before any training."""
+    common = ["--output-dir", output_dir, "--max-steps", "1", *GENERATIVE_RUN_FLAGS]
+    return run_in_parallel({name: ("train.py", [*common, *args]) for name, args in cases.items()})
+
+
 def crash_then_resume(monkeypatch, argv: list[str], crash_on_call: int) -> tuple[int, int]:
     """Run train.main(argv) until its `crash_on_call`-th train_step raises, then run it again with
     --resume. Returns (the step latest/ held after the crash, train_step calls of the resumed run)."""

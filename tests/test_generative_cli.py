@@ -6,7 +6,7 @@ import json
 import pytest
 
 import train
-from conftest import GENERATIVE_RUN_FLAGS as SMALL, PREDICT_FLAGS, assert_one_line_error, run_in_parallel
+from conftest import GENERATIVE_RUN_FLAGS as SMALL, PREDICT_FLAGS, assert_one_line_error, one_step_generative_runs, run_in_parallel
 
 CONTEXT = "The Panama Canal opened in 1914 after ten years of work by thousands of workers."
 QUESTION = "When did the Panama Canal open?"
@@ -28,15 +28,12 @@ def vit_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory, tiny_t5_dir, tiny_llama_dir, tiny_model_dir, vit_dir):
-    out = tmp_path_factory.mktemp("bad-generative")
-    common = ["--output-dir", out, "--max-steps", "1", *SMALL]
-    cases = {
+    return one_step_generative_runs(tmp_path_factory.mktemp("bad-generative"), {
         "template without context": ["--model", tiny_t5_dir, "--prompt-template", "Q: {question}"],
         "template with another field": ["--model", tiny_llama_dir, "--prompt-template", "{question} {context} {extra}"],
         "generative encoder-only": ["--model", tiny_model_dir, "--qa-style", "generative"],
         "vision model": ["--model", vit_dir],
-    }
-    return run_in_parallel({name: ("train.py", [*common, *args]) for name, args in cases.items()})
+    })
 
 
 @pytest.mark.parametrize("name, mentions", [

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import (GENERATIVE_RUN_FLAGS as SMALL, PREDICT_FLAGS, VALIDATION_SAMPLE, assert_one_line_error, crash_then_resume,
-                      run_in_parallel, squad_json, write_json)
+                      one_step_generative_runs, run_in_parallel, squad_json, write_json)
 from models.backbones import load_model
 from models.transfer import freeze
 
@@ -113,15 +113,12 @@ def test_results_count_the_trainable_parameters(last_layer_run, tiny_t5_dir):
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory, tiny_llama_dir, tiny_t5_dir):
-    out = tmp_path_factory.mktemp("bad-transfer")
-    common = ["--output-dir", out, "--max-steps", "1", *SMALL]
-    cases = {
+    return one_step_generative_runs(tmp_path_factory.mktemp("bad-transfer"), {
         "freeze encoder of decoder-only": ["--model", tiny_llama_dir, "--freeze", "encoder"],
         "freeze everything of tied llama": ["--model", tiny_llama_dir, "--freeze", "decoder,embeddings"],
         "more last layers than blocks": ["--model", tiny_t5_dir, "--train-last-layers", "5"],
         "lora targets that match nothing": ["--model", tiny_t5_dir, "--lora", "--lora-targets", "no_such_module"],
-    }
-    return run_in_parallel({name: ("train.py", [*common, *args]) for name, args in cases.items()})
+    })
 
 
 @pytest.mark.parametrize("name, mentions", [
