@@ -5,7 +5,7 @@ Reads top to bottom: arguments -> setup -> train_step -> evaluate -> the trainin
 import argparse
 import json
 import logging
-import math
+import os
 import random
 import resource
 import signal
@@ -20,26 +20,31 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clm.task import CLMTask
-from data.batching import TrainBatches, length_sorted_pieces
+from data.batching import TrainBatches, step_plan
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from engine.checkpoint import (find_checkpoint, load_run_config, load_training_state, restore_rng_state, rng_state,
                                save_checkpoint)
-from engine.device import autocast, pick_device, pick_precision
+from engine.device import autocast, pick_precision
+from engine.distributed import (any_rank, another_process_failed, clip_grad_norm, close_processes, from_main,
+                                full_model_state, gather_to_main, gradient_sync, init_processes, is_distributed, is_main,
+                                load_optimizer_state, optimizer_state, rank, sum_over_ranks, unwrap, world_size,
+                                wrap_model)
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
 from models.backbones import count_parameters, load_model, resolve_model
-from models.transfer import FREEZABLE, add_lora, freeze, is_lora, load_trained_model
+from models.transfer import FREEZABLE, add_lora, freeze, is_lora, load_trained_model, transformer_blocks
 from qa.task import QATask
 
 log = logging.getLogger("train")
 
-# Settings that shape the optimisation trajectory: a resumed run must use the same ones.
-TRAJECTORY_ARGS = ("model", "train_file", "dataset", "max_train_samples", "batch_size", "grad_accum_steps",
-                   "learning_rate", "epochs", "max_steps", "seed", "group_by_length", "warmup_ratio", "weight_decay",
+# Settings that shape the optimisation trajectory: a resumed run must use the same ones. The global
+# batch (--batch-size x --grad-accum-steps x processes) does; how it is cut into micro-batches and
+# shared among processes does not, so a run may resume with another process count.
+TRAJECTORY_ARGS = ("model", "train_file", "dataset", "max_train_samples", "global_batch", "learning_rate", "epochs", "max_steps", "seed", "group_by_length", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "max_seq_length", "doc_stride", "attention_dropout", "qa_style", "prompt_template",
                    "no_answer_share", "freeze", "train_last_layers", "lora", "lora_r", "lora_alpha", "lora_dropout",
                    "lora_targets", "task", "block_size", "drop_last", "line_by_line", "text_field", "validation_split",
-                   "validation_file", "dataset_config")
+                   "validation_file", "dataset_config", "fsdp")
 DEFAULT_MODELS = {"extractive": "minilm-l6", "generative": "smollm2-135m"}
 TASKS = {"qa": QATask, "clm": CLMTask}
 
@@ -133,8 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--epochs", type=int, default=3, help="passes over the training windows")
     opt.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     opt.add_argument("--batch-size", type=int,
-                     help="windows (qa) or blocks (clm) per micro-batch; default 16 for qa, 8 for clm")
-    opt.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+                     help="windows (qa) or blocks (clm) per micro-batch, per process; default 16 for qa, 8 for clm")
+    opt.add_argument("--grad-accum-steps", type=int, default=1,
+                     help="micro-batches per optimizer step; the global batch is batch size x this x processes")
     opt.add_argument("--learning-rate", type=learning_rate, default="auto",
                      help="peak AdamW learning rate; auto: 3e-4 for LoRA and for models under 50M parameters such as "
                           "MiniLM, 3e-5 above")
@@ -162,6 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), or cpu, cuda, cuda:1, mps")
     run.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                      help="autocast precision; auto: bf16 on GPUs that support it and on CPUs with AMX, fp16 on older GPUs, else fp32")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun: shard weights, gradients and optimizer state across the processes (FSDP2) "
+                          "instead of replicating the model in each (DDP)")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "max_seq_length", "n_best",
                  "max_answer_length", "save_steps", "log_steps", "max_steps", "eval_steps", "max_train_samples",
@@ -189,7 +198,7 @@ class TrainingState:
 
     step: int = 0  # optimizer steps taken
     epoch: int = 0
-    batches_done: int = 0  # micro-batches of this epoch already consumed
+    batches_done: int = 0  # global batches (optimizer steps) of this epoch already consumed
     best_score: float | None = None  # of the task's metric (F1 for QA), at the best evaluation so far
     last_eval_step: int = -1
     train_seconds: float = 0.0  # time in train_step, without evaluation and saving
@@ -199,13 +208,15 @@ class TrainingState:
     initial_scores: dict | None = None  # validation scores before training: the pretrained (zero-shot) baseline
 
 
-def setup(args):
-    """Everything the loop needs: device, tokenizer, model, data, optimizer, schedule."""
+def setup(args, device: torch.device):
+    """Everything the loop needs: tokenizer, model, data, optimizer, schedule, on this process's device."""
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    torch.manual_seed(args.seed)  # the same on every process: a fresh head starts the same everywhere
     precision = pick_precision(args.precision, device)
+    if args.fsdp and precision == "fp16":
+        raise UserError("--fsdp with --precision fp16 is not supported (its loss scaling would need the sharded "
+                        "gradients' overflow checks): use bf16")
     output_dir = Path(args.output_dir)
     resume_from = None
     if args.resume:
@@ -217,10 +228,15 @@ def setup(args):
     trainable, total = count_parameters(model)
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if args.lora or total < 50e6 else 3e-5
-    batches = TrainBatches(task.train_set.lengths, getattr(task.train_set, "paragraph_ids", None), args.batch_size,
+    model = wrap_model(model, device, args.fsdp, transformer_blocks(model),
+                       model.get_base_model() if is_lora(model) else model)
+    if world_size() > 1:
+        torch.manual_seed(args.seed + rank())  # each process its own dropout masks
+    args.global_batch = args.batch_size * args.grad_accum_steps * world_size()
+    # One batch per optimizer step, drawn from the one seeded order whatever the process count.
+    batches = TrainBatches(task.train_set.lengths, getattr(task.train_set, "paragraph_ids", None), args.global_batch,
                            args.seed, args.group_by_length)
-    steps_per_epoch = math.ceil(len(batches) / args.grad_accum_steps)
-    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    total_steps = args.max_steps or len(batches) * args.epochs
 
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = linear_warmup_decay(optimizer, int(args.warmup_ratio * total_steps), total_steps)
@@ -228,21 +244,26 @@ def setup(args):
     state = TrainingState()
     if resume_from:
         saved = load_training_state(resume_from)
-        changed = [f"--{k.replace('_', '-')} {saved['args'].get(k)} -> {getattr(args, k)}" for k in TRAJECTORY_ARGS
+        changed = [_setting(k, saved["args"].get(k), getattr(args, k)) for k in TRAJECTORY_ARGS
                    if saved["args"].get(k) != _plain(getattr(args, k))]
         if changed:
             raise UserError(f"{resume_from}: cannot resume with different settings ({'; '.join(changed)})")
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        restore_rng_state(saved["rng"])
+        # One random state per process (a single one before torchrun support); with another process
+        # count each process keeps its fresh seed.
+        rng_states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
+        if len(rng_states) == world_size():
+            restore_rng_state(rng_states[rank()])
         state = TrainingState(**saved["state"])
         log.info("resumed from %s at step %d (epoch %d)", resume_from, state.step, state.epoch + 1)
 
     log.info("model %s: %.1fM parameters, %.2fM trainable (%.2f%%); device %s, precision %s",
              args.model, total / 1e6, trainable / 1e6, 100 * trainable / total, device, precision)
-    log.info("%s; %d optimizer steps of %d x %d, lr %.0e", task.description, total_steps, args.batch_size,
-             args.grad_accum_steps, args.learning_rate)
+    log.info("%s; %d optimizer steps of %d (global batch: %d per micro-batch x %d micro-batches x %d processes%s), "
+             "lr %.0e", task.description, total_steps, args.global_batch, args.batch_size, args.grad_accum_steps,
+             world_size(), ", FSDP" if args.fsdp else "", args.learning_rate)
     return argparse.Namespace(
         device=device, precision=precision, task=task, model=model, batches=batches, total_steps=total_steps,
         optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, output_dir=output_dir,
@@ -266,6 +287,12 @@ def build_model(args, base_model: str, resume_from: Path | None, settings: dict)
     return model
 
 
+def _setting(name: str, saved, now) -> str:
+    if name == "global_batch":
+        return f"global batch (--batch-size x --grad-accum-steps x processes) {saved} -> {now}"
+    return f"--{name.replace('_', '-')} {saved} -> {_plain(now)}"
+
+
 def _plain(value):
     """Argument values as they are stored in training_state.pt (lists become comma-separated text)."""
     return ",".join(value) if isinstance(value, list) else value
@@ -275,48 +302,66 @@ def plain_args(args) -> dict:
     return {k: _plain(v) for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
+# Marks a micro-batch that only stands in for a process with no windows left in this step: it runs
+# forward and backward (the processes must meet in the collectives) with its loss multiplied by 0.
+STAND_IN = "stand_in"
+
+
 def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, float]:
-    """One optimizer step over micro-batches (accumulated batches, each in length-sorted pieces);
-    the summed loss is normalised by the targets (windows, or answer tokens) of all of them at once."""
+    """One optimizer step over this process's micro-batches (its share of the step's batch, in
+    length-sorted pieces). The summed loss is normalised by the targets (windows, or answer tokens)
+    of the whole step on all processes, so every target weighs the same however the step was cut
+    up and shared. Gradients are synchronised once, in the last backward pass."""
     run.model.train()
-    count = sum(run.task.count_targets(b) for b in micro_batches)
+    count = int(sum_over_ranks([sum(run.task.count_targets(b) for b in micro_batches if STAND_IN not in b)])[0])
+    processes = world_size()  # DDP and FSDP average gradients over the processes: undo that
     total_loss = 0.0
-    for batch in micro_batches:
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        with autocast(run.device, run.precision):
-            loss_sum = run.task.loss(run.model, batch)
-        run.scaler.scale(loss_sum / count).backward()
+    for k, batch in enumerate(micro_batches):
+        weight = 0 if STAND_IN in batch else 1
+        batch = {key: v.to(run.device, non_blocking=True) for key, v in batch.items() if key != STAND_IN}
+        with gradient_sync(run.model, k == len(micro_batches) - 1):
+            with autocast(run.device, run.precision):
+                loss_sum = run.task.loss(run.model, batch) * weight
+            run.scaler.scale(loss_sum * processes / count).backward()
         total_loss += loss_sum.item()
+    total_loss = sum_over_ranks([total_loss])[0]
     run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_grad_norm)
+    grad_norm = clip_grad_norm(run.model, max_grad_norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total_loss / count, grad_norm.item()
+    return total_loss / count, grad_norm
 
 
 def evaluate(run, args) -> dict:
     """Score the model on the validation set; the task writes its outputs (predictions.json, or for the
     evaluation before training predictions_before_training.json)."""
-    run.output_dir.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        run.output_dir.mkdir(parents=True, exist_ok=True)
     name = "predictions_before_training.json" if run.state.initial_scores is None else "predictions.json"
     # Evaluation must leave the random stream alone (its DataLoader draws a seed from it): otherwise
     # how often a run evaluates would change its dropout masks, and so its result.
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        return run.task.evaluate(run.model, run.device, run.precision, args.eval_batch_size, run.output_dir / name)
+        scores = run.task.evaluate(unwrap(run.model), run.device, run.precision, args.eval_batch_size,
+                                   run.output_dir / name)
+    # Each process answered a share; rank 0 scored them all, and every process acts on its scores.
+    return from_main(scores)
 
 
 def save(run, args, name: str, with_training_state: bool, scores: dict | None = None) -> None:
+    """Every process takes part (a sharded model and optimizer are gathered); rank 0 writes."""
+    model_state = full_model_state(run.model)
     training_state = None
     if with_training_state:
         training_state = {
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "rng": rng_state(), "state": asdict(run.state),
+            "optimizer": optimizer_state(run.model, run.optimizer), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "rng": gather_to_main(rng_state()), "state": asdict(run.state),
             "args": plain_args(args),
         }
-    save_checkpoint(run.output_dir / name, run.model, run.task.tokenizer, {**run.task.settings, "eval": scores},
-                    training_state)
+    if is_main():
+        save_checkpoint(run.output_dir / name, unwrap(run.model), run.task.tokenizer,
+                        {**run.task.settings, "eval": scores}, training_state, model_state)
 
 
 def evaluate_and_save(run, args, writer: SummaryWriter) -> dict:
@@ -348,24 +393,50 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
+        if another_process_failed():
+            os._exit(1)  # torchrun stops the job because a process failed: that one has said why
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("stopping after this step; the run can be continued with --resume")
+        if is_main():
+            tqdm.write("stopping after this step; the run can be continued with --resume")
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
+class NoWriter:
+    """TensorBoard for the processes other than rank 0: they write nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    add_text = close = add_scalar
+
+
+def micro_batches_of_step(run, batch: list[int], micro_batch_size: int) -> tuple[list[dict], int]:
+    """This process's collated micro-batches of one step's global batch, and the padded tokens of
+    all processes' micro-batches."""
+    train_set, lengths = run.task.train_set, run.task.train_set.lengths
+    plans = step_plan(batch, lengths, world_size(), micro_batch_size)
+    micro_batches = [run.task.collate([train_set[i] for i in piece]) if piece else
+                     {**run.task.collate([train_set[batch[0]]]), STAND_IN: True} for piece in plans[rank()]]
+    padded = sum(len(piece) * max(int(lengths[i]) for i in piece) for pieces in plans for piece in pieces if piece)
+    return micro_batches, padded
+
+
 def train(run, args) -> dict | None:
-    state, writer = run.state, SummaryWriter(run.output_dir / "tensorboard")
+    state = run.state
+    writer = SummaryWriter(run.output_dir / "tensorboard") if is_main() else NoWriter()
     trainable, total = run.parameters
     writer.add_scalar("model/trainable_parameters", trainable, state.step)
     writer.add_scalar("model/total_parameters", total, state.step)
     writer.add_text("model", f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", state.step)
-    bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not is_main())
     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
+    lengths = run.task.train_set.lengths
     scores = None
     if state.initial_scores is None:
         state.initial_scores = scores = evaluate_and_save(run, args, writer)
@@ -373,20 +444,19 @@ def train(run, args) -> dict | None:
         while state.step < run.total_steps:
             epoch_batches = run.batches.for_epoch(state.epoch)
             while state.batches_done < len(epoch_batches) and state.step < run.total_steps:
-                indices = epoch_batches[state.batches_done : state.batches_done + args.grad_accum_steps]
-                pieces = [piece for batch in indices for piece in length_sorted_pieces(batch, run.task.train_set.lengths)]
-                micro_batches = [run.task.collate([run.task.train_set[i] for i in piece]) for piece in pieces]
+                batch = epoch_batches[state.batches_done]
+                micro_batches, padded_tokens = micro_batches_of_step(run, batch, args.batch_size)
                 started = time.perf_counter()
                 loss, grad_norm = train_step(run, micro_batches, args.max_grad_norm)
                 state.train_seconds += time.perf_counter() - started
                 state.step += 1
-                state.batches_done += len(indices)
-                windows = sum(len(b) for b in indices)
-                tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-                window_windows, window_tokens = window_windows + windows, window_tokens + tokens
-                state.windows_seen += windows
+                state.batches_done += 1
+                tokens = int(sum(lengths[i] for i in batch))
+                window_windows, window_tokens = window_windows + len(batch), window_tokens + tokens
+                state.windows_seen += len(batch)
                 state.tokens_seen += tokens
-                state.padded_tokens_seen += sum(b["attention_mask"].numel() for b in micro_batches)
+                state.padded_tokens_seen += padded_tokens
+                stopping = any_rank(stop.requested)  # all processes stop at the same step
                 if state.step % args.log_steps == 0 or state.step == run.total_steps:
                     seconds = time.perf_counter() - window_start
                     lr = run.scheduler.get_last_lr()[0]
@@ -398,12 +468,12 @@ def train(run, args) -> dict | None:
                 bar.update(1)
                 if args.eval_steps and state.step % args.eval_steps == 0:
                     scores = evaluate_and_save(run, args, writer)
-                elif state.step % args.save_steps == 0 or stop.requested:
+                elif state.step % args.save_steps == 0 or stopping:
                     save(run, args, "latest", with_training_state=True)
-                if stop.requested:
+                if stopping:
                     bar.close()
                     writer.close()
-                    raise SystemExit(f"stopped at step {state.step}; continue with --resume")
+                    raise SystemExit(f"stopped at step {state.step}; continue with --resume" if is_main() else 1)
             if state.batches_done >= len(epoch_batches):
                 state.epoch += 1
                 state.batches_done = 0
@@ -420,12 +490,13 @@ def write_results(run, args, scores: dict) -> None:
     state = run.state
     results = {
         "eval": scores, "initial_eval": state.initial_scores, f"best_{run.task.metric}": state.best_score,
-        "steps": state.step, "device": str(run.device),
+        "steps": state.step, "global_batch": args.global_batch, "processes": world_size(), "fsdp": args.fsdp,
+        "device": str(run.device),
         "precision": run.precision, "train_seconds": state.train_seconds, "train_windows": state.windows_seen,
         "train_windows_per_s": state.windows_seen / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "padding_share": 1 - state.tokens_seen / max(state.padded_tokens_seen, 1),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # of rank 0's process
         "trainable_parameters": run.parameters[0], "total_parameters": run.parameters[1],
         "args": plain_args(args),
     }
@@ -447,22 +518,33 @@ def export_merged(run, args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    device = init_processes(args.device)  # under torchrun; plain `python train.py` has no process group
+    if args.fsdp and not is_distributed():
+        raise UserError("--fsdp shards the model across processes: run train.py under torchrun "
+                        "(torchrun --nproc_per_node N train.py --fsdp ...)")
+    logging.basicConfig(level=logging.INFO if is_main() else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     import transformers
 
     transformers.logging.set_verbosity_error()  # our own log says what matters (e.g. a fresh head)
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries: our error line says it once
     with logging_redirect_tqdm():
-        run = setup(args)
+        run = setup(args, device)
         scores = train(run, args)
     if scores is None:
         raise UserError(f"nothing to do: the run in {args.output_dir} already finished {run.total_steps} steps")
-    write_results(run, args, scores)
-    if args.merge_lora:
-        export_merged(run, args)
-    print(f"final: {run.task.describe(scores)}; best {run.task.metric} {run.state.best_score:.4g}, "
-          f"checkpoints in {run.output_dir}/best and {run.output_dir}/latest")
+    main_process = is_main()
+    if main_process:
+        write_results(run, args, scores)
+        if args.merge_lora:
+            export_merged(run, args)
+    # DDP's reducer holds the process group: released after it, the group's teardown can deadlock.
+    run.model = None
+    close_processes()
+    if main_process:
+        print(f"final: {run.task.describe(scores)}; best {run.task.metric} {run.state.best_score:.4g}, "
+              f"checkpoints in {run.output_dir}/best and {run.output_dir}/latest")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from data.batching import PadToLongest
 from data.text_blocks import GroupedTextBlocks
 from engine.device import autocast
+from engine.distributed import gather_to_main, is_main, shard_indices
 
 
 def next_token_loss(model, batch: dict) -> torch.Tensor:
@@ -23,19 +24,30 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"] != -100).sum())
 
 
-@torch.inference_mode()
-def perplexity(model, blocks: GroupedTextBlocks, pad_token_id: int, device, precision: str, batch_size: int) -> dict:
+# no_grad, not inference_mode: FSDP gathers weights into tensors that training updates in place later
+@torch.no_grad()
+def perplexity(model, blocks: GroupedTextBlocks, pad_token_id: int, device, precision: str, batch_size: int) -> dict | None:
     """exp(total NLL / total targets) over every block: one number for the whole set, not a mean of
-    per-batch perplexities."""
+    per-batch perplexities. Under torchrun each process runs a share of the batches and rank 0 sums
+    them in batch order, as one process would (the others get None)."""
     model.eval()
     order = np.argsort(-blocks.lengths, kind="stable").tolist()
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    loader = DataLoader(blocks, batch_sampler=batches, collate_fn=PadToLongest(pad_token_id))
-    total_nll, targets = 0.0, 0
-    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=len(batches) < 4):
+    mine = shard_indices(len(batches), model)
+    loader = DataLoader(blocks, batch_sampler=[batches[i] for i in mine], collate_fn=PadToLongest(pad_token_id))
+    sums = {}  # batch index -> (NLL, targets)
+    for index, batch in zip(mine, tqdm(loader, desc="evaluate", unit="batch", leave=False,
+                                       disable=len(mine) < 4 or not is_main())):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
-            total_nll += next_token_loss(model, batch).item()
-        targets += count_targets(batch)
+            sums[index] = (next_token_loss(model, batch).item(), count_targets(batch))
+    gathered = gather_to_main(sums)
+    if gathered is None:
+        return None
+    merged = {index: value for share in gathered for index, value in share.items()}
+    total_nll, targets = 0.0, 0
+    for index in range(len(batches)):
+        total_nll += merged[index][0]
+        targets += merged[index][1]
     loss = total_nll / targets
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": targets}

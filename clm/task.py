@@ -93,9 +93,11 @@ class CLMTask:
     loss = staticmethod(next_token_loss)
     count_targets = staticmethod(count_targets)
 
-    def evaluate(self, model, device, precision: str, batch_size: int, predictions_file: Path) -> dict:
+    def evaluate(self, model, device, precision: str, batch_size: int, predictions_file: Path) -> dict | None:
         started = time.perf_counter()
         scores = perplexity(model, self.eval_set, self.pad_token_id, device, precision, batch_size)
+        if scores is None:  # not rank 0: it has them
+            return None
         scores["seconds"] = time.perf_counter() - started
         return scores
 

@@ -71,8 +71,10 @@ class TrainBatches:
 PIECE_COST_TOKENS = 128
 
 
-def length_sorted_pieces(batch: list[int], lengths, piece_cost: int = PIECE_COST_TOKENS) -> list[list[int]]:
-    """Split a batch into runs of similar length, each to be padded only to its own longest window.
+def length_sorted_pieces(batch: list[int], lengths, max_size: int | None = None,
+                         piece_cost: int = PIECE_COST_TOKENS) -> list[list[int]]:
+    """Split a batch into runs of similar length, each to be padded only to its own longest window
+    and holding at most `max_size` windows (the micro-batch size, which bounds memory).
 
     The optimizer still sees the whole batch (train_step normalises the loss over all its windows),
     so this changes only how much padding is computed, not what is learned. The split points
@@ -80,10 +82,11 @@ def length_sorted_pieces(batch: list[int], lengths, piece_cost: int = PIECE_COST
     """
     order = sorted(batch, key=lambda i: lengths[i])
     sorted_lengths = [int(lengths[i]) for i in order]
+    max_size = max_size or len(order)
     best = [0] + [float("inf")] * len(order)  # best[j]: cost of the first j windows
     cut = [0] * (len(order) + 1)
     for j in range(1, len(order) + 1):
-        for i in range(j):
+        for i in range(max(0, j - max_size), j):
             cost = best[i] + (j - i) * sorted_lengths[j - 1] + piece_cost
             if cost < best[j]:
                 best[j], cut[j] = cost, i
@@ -92,6 +95,42 @@ def length_sorted_pieces(batch: list[int], lengths, piece_cost: int = PIECE_COST
         pieces.append(order[cut[j] : j])
         j = cut[j]
     return pieces[::-1]
+
+
+def split_across_ranks(batch: list[int], lengths, ranks: int) -> list[list[int]]:
+    """Share one optimizer step's windows among processes so that each gets about as many tokens
+    (no process idles while another runs the long windows) and as many windows, ±1.
+
+    Longest first, each window goes to the process with the fewest tokens that still has room.
+    """
+    room = -(-len(batch) // ranks)
+    shares, tokens = [[] for _ in range(ranks)], [0] * ranks
+    for index in sorted(batch, key=lambda i: (-int(lengths[i]), i)):
+        rank = min((r for r in range(ranks) if len(shares[r]) < room), key=lambda r: (tokens[r], r))
+        shares[rank].append(index)
+        tokens[rank] += int(lengths[index])
+    return shares
+
+
+def step_plan(batch: list[int], lengths, ranks: int, micro_batch_size: int) -> list[list[list[int]]]:
+    """Every process's micro-batches for one optimizer step: its share of `batch`, in length-sorted
+    pieces of at most `micro_batch_size` windows.
+
+    All processes get the same number of micro-batches, because a sharded model (FSDP) gathers its
+    weights in every forward pass and the processes must meet there: shorter lists are made even
+    by halving their largest pieces, and a process with fewer windows than that gets empty pieces,
+    which stand in for a micro-batch (forward and backward with a zero loss).
+    """
+    plans = [length_sorted_pieces(share, lengths, micro_batch_size) if share else []
+             for share in split_across_ranks(batch, lengths, ranks)]
+    count = max(1, *(len(p) for p in plans))
+    for pieces in plans:
+        while len(pieces) < count and any(len(p) > 1 for p in pieces):
+            largest = max(range(len(pieces)), key=lambda k: len(pieces[k]))
+            piece = pieces[largest]
+            pieces[largest : largest + 1] = [piece[: len(piece) // 2], piece[len(piece) // 2 :]]
+        pieces += [[] for _ in range(count - len(pieces))]
+    return plans
 
 
 class PadToLongest:

@@ -22,11 +22,13 @@ TRAINING_STATE = "training_state.pt"
 RUN_CONFIG = "run_config.json"  # the task settings that inference must reuse (window size, ...)
 
 
-def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, training_state: dict | None = None) -> None:
+def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, training_state: dict | None = None,
+                    state_dict: dict | None = None) -> None:
+    """`state_dict`: the weights to write when the model's own are sharded across processes."""
     directory = Path(directory)
     temporary = directory.with_name(f"{directory.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
+    model.save_pretrained(temporary, state_dict=state_dict)
     tokenizer.save_pretrained(temporary)
     (temporary / RUN_CONFIG).write_text(json.dumps(run_config, indent=2))
     if training_state is not None:

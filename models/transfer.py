@@ -33,6 +33,11 @@ def blocks(stack: torch.nn.Module) -> torch.nn.ModuleList:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """Every block of every stack: the units FSDP shards one at a time."""
+    return [block for stack in stacks(model).values() for block in blocks(stack)]
+
+
 def embedding_parameters(model) -> list[torch.nn.Parameter]:
     """Token (and position, type) embeddings outside the blocks, with the norm BERT applies to them.
 

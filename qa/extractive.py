@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
 from engine.device import autocast
+from engine.distributed import gather_to_main, is_main, shard_indices
 from qa.postprocess import predict_spans
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -32,14 +33,16 @@ def span_loss(model, batch: dict) -> torch.Tensor:
     return (start + end) / 2
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: FSDP gathers weights into tensors that training updates in place later
+@torch.no_grad()
 def val_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     outputs = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
     return outputs.start_logits.float(), outputs.end_logits.float()
 
 
 def window_logits(model, features: SquadFeatures, batch_size: int, device, precision: str):
-    """Start/end logits for every window, as [num_features, longest] arrays in feature order.
+    """Start/end logits for every window, as [num_features, longest] arrays in feature order; under
+    torchrun each process runs a share of the batches and rank 0 gets them all (the others None).
 
     Windows are run longest first (little padding, and any out-of-memory error comes at once) and
     put back in place by the feature index each batch carries, never by loader order.
@@ -47,16 +50,22 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
     model.eval()
     order = np.argsort(-features.lengths, kind="stable").tolist()
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    loader = DataLoader(features, batch_sampler=batches, collate_fn=PadToLongest(features.pad_token_id))
-    shape = (len(features), int(features.lengths.max()))
-    start_logits, end_logits = np.full(shape, -np.inf, np.float32), np.full(shape, -np.inf, np.float32)
-    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=len(batches) < 4):
+    mine = [batches[i] for i in shard_indices(len(batches), model)]
+    loader = DataLoader(features, batch_sampler=mine, collate_fn=PadToLongest(features.pad_token_id))
+    computed = []
+    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main()):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
             start, end = val_step(model, batch)
-        rows = batch["feature_index"].cpu().numpy()
-        start_logits[rows, : start.shape[1]] = start.cpu().numpy()
-        end_logits[rows, : end.shape[1]] = end.cpu().numpy()
+        computed.append((batch["feature_index"].cpu().numpy(), start.cpu().numpy(), end.cpu().numpy()))
+    gathered = gather_to_main(computed)
+    if gathered is None:
+        return None
+    shape = (len(features), int(features.lengths.max()))
+    start_logits, end_logits = np.full(shape, -np.inf, np.float32), np.full(shape, -np.inf, np.float32)
+    for rows, start, end in (part for share in gathered for part in share):
+        start_logits[rows, : start.shape[1]] = start
+        end_logits[rows, : end.shape[1]] = end
     return start_logits, end_logits
 
 
@@ -83,8 +92,12 @@ class ExtractiveQA:
         return len(batch["input_ids"])
 
     def answer_questions(self, model, features: SquadFeatures, device, precision: str, batch_size: int):
-        """The best answer span of every example the features were built from, by question id."""
-        start_logits, end_logits = window_logits(model, features, batch_size, device, precision)
+        """The best answer span of every example the features were built from, by question id (under
+        torchrun: on rank 0; the other processes get None)."""
+        logits = window_logits(model, features, batch_size, device, precision)
+        if logits is None:
+            return None
+        start_logits, end_logits = logits
         s = self.settings
         return predict_spans(features, start_logits, end_logits, n_best=s["n_best"], max_answer_length=s["max_answer_length"],
                              allow_null=s["allow_null"], null_threshold=s["null_threshold"])

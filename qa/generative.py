@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from data.batching import PadToLongest
 from data.generative_features import GenerativeQAFeatures
 from engine.device import autocast
+from engine.distributed import gather_to_main, is_main, is_sharded, shard_indices, world_size
 
 
 @dataclass(frozen=True)
@@ -66,26 +67,35 @@ class GenerativeQA:
         return int((batch["labels"] != -100).sum())
 
     def answer_questions(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int):
-        """The best generated answer of every example, by question id."""
-        return choose_answers(features, self.generate(model, features, device, precision, batch_size))
+        """The best generated answer of every example, by question id (under torchrun: on rank 0; the
+        other processes get None)."""
+        answers = self.generate(model, features, device, precision, batch_size)
+        return None if answers is None else choose_answers(features, answers)
 
-    @torch.inference_mode()
-    def generate(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int) -> list[GeneratedAnswer]:
-        """An answer for every window, in feature order. Windows run longest first (little padding,
-        and an out-of-memory error comes at once) and are put back by the index each batch carries."""
+    # no_grad, not inference_mode: FSDP gathers weights into tensors that training updates in place later
+    @torch.no_grad()
+    def generate(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int) -> list[GeneratedAnswer] | None:
+        """An answer for every window, in feature order; under torchrun each process generates for a
+        share of the batches and rank 0 gets them all (the others None). Windows run longest first
+        (little padding, and an out-of-memory error comes at once) and are put back by the index
+        each batch carries."""
         model.eval()
         eos = self.tokenizer.eos_token_id
         order = np.argsort(-features.lengths, kind="stable").tolist()
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        loader = DataLoader(features, batch_sampler=batches, collate_fn=self.collate(features))
-        answers: list[GeneratedAnswer | None] = [None] * len(features)
-        for batch in tqdm(loader, desc="generate", unit="batch", leave=False, disable=len(batches) < 4):
+        mine = [batches[i] for i in shard_indices(len(batches), model)]
+        loader = DataLoader(features, batch_sampler=mine, collate_fn=self.collate(features))
+        # A sharded (FSDP) model must run as many forward passes on every process: generation then
+        # goes on to the longest answer of any process.
+        synced = is_sharded(model) and world_size() > 1
+        generated_here = []
+        for batch in tqdm(loader, desc="generate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main()):
             with autocast(device, precision):
                 output = model.generate(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     max_new_tokens=self.settings["max_answer_tokens"], num_beams=self.settings["num_beams"],
                     do_sample=False, eos_token_id=eos, pad_token_id=features.pad_token_id,
-                    output_scores=True, return_dict_in_generate=True,
+                    output_scores=True, return_dict_in_generate=True, synced_gpus=synced,
                 )
             # Beam search already returns log-probabilities; greedy search returns logits.
             logprobs = model.compute_transition_scores(output.sequences, output.scores, output.get("beam_indices"),
@@ -94,7 +104,13 @@ class GenerativeQA:
             for window, tokens, token_logprobs in zip(batch["feature_index"].tolist(), generated, logprobs.float().tolist()):
                 length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
                 text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
-                answers[window] = GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window)
+                generated_here.append(GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window))
+        gathered = gather_to_main(generated_here)
+        if gathered is None:
+            return None
+        answers: list[GeneratedAnswer | None] = [None] * len(features)
+        for answer in (a for share in gathered for a in share):
+            answers[answer.window] = answer
         return answers
 
 

@@ -54,10 +54,13 @@ class QATask:
     def count_targets(self, batch) -> int:
         return self.qa.count_targets(batch)
 
-    def evaluate(self, model, device, precision: str, batch_size: int, predictions_file: Path) -> dict:
-        """Answer every validation question, score it, and write the answers to `predictions_file`."""
+    def evaluate(self, model, device, precision: str, batch_size: int, predictions_file: Path) -> dict | None:
+        """Answer every validation question, score it, and write the answers to `predictions_file`.
+        Under torchrun every process answers a share and rank 0 scores them all (the others get None)."""
         started = time.perf_counter()
         predictions = self.qa.answer_questions(model, self.eval_set, device, precision, batch_size)
+        if predictions is None:
+            return None
         answers = {qid: p.text for qid, p in predictions.items()}
         scores = squad_scores(answers, self.eval_examples.examples)
         scores["seconds"], scores["windows"] = time.perf_counter() - started, len(self.eval_set)

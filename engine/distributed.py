@@ -1,0 +1,229 @@
+"""Several processes under torchrun: the process group, each process's device, DDP or FSDP2
+wrapping, the few collectives training and evaluation need, and one error report for the whole job.
+
+Without torchrun (plain `python train.py`) there is no process group: every function here then
+acts as for a single process (rank 0 of 1) and costs nothing.
+"""
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from engine.device import pick_device
+from engine.errors import UserError
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 alone writes logs, progress bars, TensorBoard, predictions, results and checkpoints."""
+    return rank() == 0
+
+
+def init_processes(requested_device: str) -> torch.device:
+    """The device of this process; under torchrun, also join the process group (NCCL on CUDA,
+    gloo on CPU), each process on its LOCAL_RANK device."""
+    device = pick_device(requested_device)
+    if not launched_by_torchrun():
+        return device
+    if device.type == "mps":
+        raise UserError("torchrun with Apple MPS is not supported: use --device cpu")
+    if device.type == "cuda":
+        if device.index is not None:
+            raise UserError(f"--device {requested_device}: under torchrun each process uses cuda:LOCAL_RANK; "
+                            "give --device cuda (or auto)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device
+
+
+def close_processes() -> None:
+    if is_distributed():
+        dist.barrier()  # no process tears the group down while another still uses it
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device, fsdp: bool, blocks: list[torch.nn.Module],
+               root: torch.nn.Module) -> torch.nn.Module:
+    """DDP (every process holds the whole model; gradients are all-reduced) or, with `fsdp`, FSDP2:
+    each transformer block, then `root` (the model that owns embeddings and head), is sharded
+    across the processes: weights, gradients and optimizer state. Returns what the loop calls."""
+    if not is_distributed():
+        return model
+    if fsdp:
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(root)
+        # Generation calls parts of the model directly (T5's encoder), not through the root's
+        # forward that gathers the root's own weights (the shared embeddings): make it a forward.
+        if hasattr(root, "generate"):
+            register_fsdp_forward_method(root, "generate")
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, for evaluation and saving: without DDP's wrapper (FSDP2 wraps in place)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Synchronise gradients in this backward pass only when `enabled` (the last micro-batch of an
+    optimizer step): accumulation micro-steps stay local, one all-reduce per step."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(enabled, recurse=False)
+    yield
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradients' global norm; under FSDP the norm is computed over all shards."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+def collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of `values` over all processes (float64)."""
+    if not is_distributed():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    return sum_over_ranks([float(flag)])[0] > 0
+
+
+def gather_to_main(obj) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None on the others ([obj] without torchrun)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def from_main(obj):
+    """Rank 0's `obj`, on every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_indices(count: int, model: torch.nn.Module) -> list[int]:
+    """This process's share of `count` evaluation batches: every world_size-th one, from its rank,
+    so each batch is the same as in a one-process evaluation. A sharded (FSDP) model gathers its
+    weights in every forward pass, so all processes must run as many: shorter shares are padded
+    with repeats, whose results are identical and overwrite nothing new."""
+    share = list(range(rank(), count, world_size()))
+    if is_sharded(model) and is_distributed():
+        longest = -(-count // world_size())
+        share += [share[0] if share else 0] * (longest - len(share))
+    return share
+
+
+def full_model_state(model: torch.nn.Module) -> dict | None:
+    """A sharded model's whole state dict, gathered to rank 0 (every process must call this);
+    None for an unsharded model, whose own state dict is already whole."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied weight (LM head = embeddings) comes back under each of its names, as separate copies;
+    # keep its first name only, as the model's own state dict and save_pretrained do.
+    first_names = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
+    return {name: value for name, value in state.items() if name not in tied}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state to save (every process must call this). Sharded: gathered to rank 0 as
+    a full state dict keyed by parameter names, so any process count can load it."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    if not optimizer.state:
+        # Before the first step there is nothing to save; and torch.distributed.checkpoint would
+        # create the state with a zero-gradient step, which counts as one in AdamW's bias correction.
+        return {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    if not state:  # saved before the first step
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+FAILURES_KEY = "failed_processes"
+
+
+def first_to_fail() -> bool:
+    """Whether this process is the first of the job to fail, and so the one to report it.
+
+    Under torchrun, once one process fails the others fail too (a collective loses its peer, or
+    they hit the same bad input): only the first, counted in the job's key-value store, speaks.
+    """
+    if not is_distributed():
+        # Before the process group exists every process runs the same checks on the same
+        # arguments: the process of rank 0 speaks for all.
+        return int(os.environ.get("RANK", "0")) == 0
+    try:
+        return dist.distributed_c10d._get_default_store().add(FAILURES_KEY, 1) == 1
+    except Exception:  # noqa: BLE001 - the store went down with a process that failed first
+        return False
+
+
+def another_process_failed() -> bool:
+    if not is_distributed():
+        return False
+    try:
+        return dist.distributed_c10d._get_default_store().add(FAILURES_KEY, 0) > 0
+    except Exception:  # noqa: BLE001 - as above
+        return True
