@@ -9,6 +9,7 @@ import os
 import random
 import resource
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +26,10 @@ from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from engine.checkpoint import (find_checkpoint, load_run_config, load_training_state, restore_rng_state, rng_state,
                                save_checkpoint)
 from engine.device import autocast, pick_precision
-from engine.distributed import (any_rank, another_process_failed, clip_grad_norm, close_processes, from_main,
-                                full_model_state, gather_to_main, gradient_sync, init_processes, is_distributed, is_main,
-                                load_optimizer_state, optimizer_state, rank, sum_over_ranks, unwrap, world_size,
-                                wrap_model)
+from engine.distributed import (any_rank, another_process_failed, clip_grad_norm, close_processes, first_to_fail,
+                                from_main, full_model_state, gather_to_main, gradient_sync, init_processes,
+                                is_distributed, is_main, load_optimizer_state, optimizer_state, rank, sum_over_ranks,
+                                unwrap, world_size, wrap_model)
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
 from models.backbones import count_parameters, load_model, resolve_model
@@ -71,8 +72,15 @@ def parts(value: str) -> list[str]:
     return names
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        if not first_to_fail():  # under torchrun, every process parsed the same mistake: one reports it
+            sys.exit(2)
+        super().error(message)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Fine-tune a pretrained Transformers model; see README.md.",
+    p = ArgumentParser(description="Fine-tune a pretrained Transformers model; see README.md.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=list(TASKS), default="qa",
                    help="qa: question answering on SQuAD-format data; clm: causal language modelling on plain text")

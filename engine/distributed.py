@@ -6,6 +6,7 @@ acts as for a single process (rank 0 of 1) and costs nothing.
 """
 import contextlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -211,9 +212,12 @@ def first_to_fail() -> bool:
     they hit the same bad input): only the first, counted in the job's key-value store, speaks.
     """
     if not is_distributed():
-        # Before the process group exists every process runs the same checks on the same
-        # arguments: the process of rank 0 speaks for all.
-        return int(os.environ.get("RANK", "0")) == 0
+        # Before the process group exists there is nothing to count with, but every process has
+        # checked the same arguments: rank 0 speaks, and the others give it a few seconds (torchrun
+        # stops them as soon as it exits) before they speak for themselves.
+        if int(os.environ.get("RANK", "0")) != 0:
+            time.sleep(5)
+        return True
     try:
         return dist.distributed_c10d._get_default_store().add(FAILURES_KEY, 1) == 1
     except Exception:  # noqa: BLE001 - the store went down with a process that failed first

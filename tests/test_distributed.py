@@ -1,0 +1,285 @@
+"""train.py under torchrun (2 processes, gloo on CPU): the same optimisation and evaluation as one
+process, FSDP2 equal to DDP, rank 0 alone writing, exact resume after a stop, one error line."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GENERATIVE_RUN_FLAGS, ROOT, SAMPLES, write_text
+from data.batching import length_sorted_pieces, split_across_ranks, step_plan
+
+# The span head's bias and the norm bias just before it get a gradient that is exactly 0 in theory
+# (a span loss does not change when every logit moves by the same amount), so only float round-off
+# drives them, and AdamW's first steps blow any round-off up to a full learning-rate step.
+ZERO_GRADIENT_TENSORS = {"qa_outputs.bias", "bert.encoder.layer.1.output.LayerNorm.bias"}
+
+
+def single_thread_env() -> dict:
+    # The same thread count in every process: the one-process runs then compute each evaluation
+    # batch exactly as each of the two processes does.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_command(*args, processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "train.py",
+            *map(str, args)]
+
+
+def run_torchrun(*args, processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(torchrun_command(*args, processes=processes), cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=single_thread_env())
+    return result
+
+
+def run_single(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=single_thread_env())
+
+
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    return result
+
+
+def weights(directory: Path) -> dict:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5, skip=()) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        if name not in skip:
+            torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
+def results(directory: Path) -> dict:
+    return json.loads((directory / "results.json").read_text())
+
+
+# --- How one step's global batch is shared among processes -------------------------------------
+
+def test_split_across_ranks_balances_tokens_and_keeps_every_window_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 384, size=64)
+    batch = rng.permutation(64)[:32].tolist()
+    shares = split_across_ranks(batch, lengths, 2)
+    assert sorted(i for share in shares for i in share) == sorted(batch)
+    assert [len(s) for s in shares] == [16, 16]
+    tokens = [sum(int(lengths[i]) for i in share) for share in shares]
+    assert abs(tokens[0] - tokens[1]) <= int(lengths.max())
+    # Random halves are usually much further apart than the longest window.
+    assert abs(tokens[0] - tokens[1]) < abs(sum(int(lengths[i]) for i in batch[:16]) - sum(int(lengths[i]) for i in batch[16:])) + 1
+
+
+def test_step_plan_gives_every_process_as_many_micro_batches():
+    lengths = np.array([300, 290, 280, 20, 20, 20, 20, 20, 20, 20])
+    plans = step_plan(list(range(10)), lengths, ranks=2, micro_batch_size=4)
+    assert len(plans[0]) == len(plans[1])
+    assert sorted(i for pieces in plans for piece in pieces for i in piece) == list(range(10))
+    assert all(len(piece) <= 4 for pieces in plans for piece in pieces)
+
+
+def test_step_plan_with_fewer_windows_than_processes_stands_in():
+    plans = step_plan([5], np.arange(10), ranks=2, micro_batch_size=4)
+    assert plans == [[[5]], [[]]]  # one process runs it, the other a stand-in
+
+
+def test_step_plan_on_one_process_is_length_sorted_pieces():
+    lengths = np.random.default_rng(1).integers(20, 384, size=16)
+    assert step_plan(list(range(16)), lengths, 1, 16) == [length_sorted_pieces(list(range(16)), lengths)]
+
+
+# --- 2 processes against 1 -----------------------------------------------------------------------
+
+def extractive_flags(model_dir, output_dir, batch_size, *extra):
+    return ["--model", model_dir, "--output-dir", output_dir, "--device", "cpu", "--precision", "fp32",
+            "--max-train-samples", "40", "--max-eval-samples", "9", "--eval-batch-size", "4", "--batch-size", batch_size,
+            "--grad-accum-steps", "2", "--max-steps", "6", "--eval-steps", "3", *extra]
+
+
+def generative_flags(model_dir, output_dir, batch_size, *extra):
+    flags = [f for f in GENERATIVE_RUN_FLAGS]
+    flags[flags.index("--batch-size") + 1] = str(batch_size)
+    flags[flags.index("--max-eval-samples") + 1] = "9"
+    return ["--model", model_dir, "--output-dir", output_dir, *flags, "--eval-batch-size", "4", "--grad-accum-steps",
+            "2", "--max-steps", "4", *extra]
+
+
+def clm_flags(model_dir, output_dir, batch_size, *extra):
+    return ["--task", "clm", "--model", model_dir, "--output-dir", output_dir, "--cache-dir", output_dir / "cache",
+            "--device", "cpu", "--precision", "fp32", "--block-size", "64", "--batch-size", batch_size,
+            "--grad-accum-steps", "2", "--eval-batch-size", "2", "--max-steps", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tiny_model_dir_no_dropout, tiny_t5_dir, tiny_llama_dir):
+    return {"extractive": tiny_model_dir_no_dropout, "seq2seq": tiny_t5_dir, "decoder": tiny_llama_dir,
+            "clm": tiny_llama_dir}
+
+
+FLAGS = {"extractive": extractive_flags, "seq2seq": generative_flags, "decoder": generative_flags, "clm": clm_flags}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(model_dirs, tmp_path_factory):
+    """For each model kind: 2 processes x batch 2 and 1 process x batch 4, both with 2 accumulation
+    micro-batches: the same global batch of 8."""
+    runs = {}
+    for kind, flags in FLAGS.items():
+        base = tmp_path_factory.mktemp(kind)
+        succeeded(run_torchrun(*flags(model_dirs[kind], base / "two", 2)))
+        succeeded(run_single(*flags(model_dirs[kind], base / "one", 4)))
+        runs[kind] = base
+    return runs
+
+
+@pytest.mark.parametrize("kind", list(FLAGS))
+def test_two_processes_train_like_one_with_the_same_global_batch(ddp_runs, kind):
+    base = ddp_runs[kind]
+    two, one = results(base / "two"), results(base / "one")
+    assert (two["global_batch"], two["processes"]) == (8, 2) and (one["global_batch"], one["processes"]) == (8, 1)
+    assert two["steps"] == one["steps"] == (6 if kind == "extractive" else 4)
+    assert two["train_windows"] == one["train_windows"]
+    initial = weights(base / "one" / "latest")
+    assert_same_weights(base / "two" / "latest", base / "one" / "latest",
+                        skip=ZERO_GRADIENT_TENSORS if kind == "extractive" else ())
+    assert initial.keys() == weights(base / "two" / "best").keys()  # no "module." prefixes
+
+
+@pytest.mark.parametrize("kind", list(FLAGS))
+def test_sharded_evaluation_scores_like_one_process(ddp_runs, kind):
+    """An odd number of validation questions (9) or blocks, in batches that do not divide evenly
+    between the processes: nothing is lost or counted twice."""
+    base = ddp_runs[kind]
+    two, one = results(base / "two"), results(base / "one")
+    # Before training both runs have the same weights: identical scores and answers, bit for bit.
+    assert two["initial_eval"] == {**one["initial_eval"], "seconds": two["initial_eval"]["seconds"]}
+    if kind == "clm":
+        assert two["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=1e-5)
+        return
+    assert two["initial_eval"]["total"] == 9
+    before_two = json.loads((base / "two" / "predictions_before_training.json").read_text())
+    before_one = json.loads((base / "one" / "predictions_before_training.json").read_text())
+    assert before_two == before_one and len(before_two) == 9
+    assert json.loads((base / "two" / "predictions.json").read_text()) == json.loads((base / "one" / "predictions.json").read_text())
+
+
+def test_only_rank_zero_writes(ddp_runs):
+    base = ddp_runs["clm"] / "two"
+    events = list((base / "tensorboard").glob("events.*"))
+    assert len(events) == 1
+    assert not list(base.glob("*.tmp")) and not list(base.glob("*.old"))
+    state = torch.load(base / "latest" / "training_state.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # one random state per process
+
+
+# --- FSDP2 ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["extractive", "seq2seq", "clm"])
+def test_fsdp_trains_like_ddp_and_saves_plain_checkpoints(ddp_runs, model_dirs, kind, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM
+
+    output = tmp_path / "fsdp"
+    succeeded(run_torchrun(*FLAGS[kind](model_dirs[kind], output, 2), "--fsdp"))
+    assert results(output)["fsdp"] is True
+    assert_same_weights(output / "latest", ddp_runs[kind] / "two" / "latest",
+                        skip=ZERO_GRADIENT_TENSORS if kind == "extractive" else ())
+    auto = {"extractive": AutoModelForQuestionAnswering, "seq2seq": AutoModelForSeq2SeqLM, "clm": AutoModelForCausalLM}[kind]
+    model, info = auto.from_pretrained(str(output / "best"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    saved = weights(output / "best")
+    parameters = dict(model.named_parameters())
+    assert all(torch.equal(parameters[k], v) for k, v in saved.items() if k in parameters)
+
+
+def test_fsdp_with_lora_gradient_checkpointing_and_bf16(ddp_runs, model_dirs, tmp_path):
+    output = tmp_path / "fsdp-lora"
+    succeeded(run_torchrun(*clm_flags(model_dirs["clm"], output, 2), "--fsdp", "--lora", "--gradient-checkpointing",
+                           "--precision", "bf16"))
+    assert (output / "best" / "adapter_model.safetensors").is_file()
+    result = subprocess.run([sys.executable, "predict.py", "--checkpoint", output / "best", "--prompt", "The",
+                             "--max-new-tokens", "4", "--device", "cpu", "--precision", "fp32"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_fsdp_with_frozen_layers_trains_like_ddp(model_dirs, tmp_path):
+    flags = ["--train-last-layers", "1"]
+    succeeded(run_torchrun(*clm_flags(model_dirs["clm"], tmp_path / "fsdp", 2), "--fsdp", *flags))
+    succeeded(run_torchrun(*clm_flags(model_dirs["clm"], tmp_path / "ddp", 2), *flags))
+    assert_same_weights(tmp_path / "fsdp" / "latest", tmp_path / "ddp" / "latest")
+    initial, trained = weights(model_dirs["clm"]), weights(tmp_path / "fsdp" / "latest")
+    assert torch.equal(initial["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(initial["model.layers.1.mlp.up_proj.weight"], trained["model.layers.1.mlp.up_proj.weight"])
+
+
+# --- Stop, resume, failures ----------------------------------------------------------------------
+
+def saved_step(directory: Path) -> int:
+    try:
+        return torch.load(directory / "latest" / "training_state.pt", weights_only=True)["state"]["step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+def test_sigterm_saves_once_and_resume_is_bit_equal(tiny_model_dir, tmp_path):
+    """With dropout (each process its own random stream): SIGTERM to torchrun in mid-run stops every
+    process at the same step with one save; resuming under torchrun ends bit-equal to a run that
+    was never stopped. Resuming with one process and the same global batch is allowed; another
+    global batch is refused in one line."""
+    def flags(output, batch_size=2):
+        return ["--model", tiny_model_dir, "--output-dir", output, "--device", "cpu", "--precision", "fp32",
+                "--max-train-samples", "40", "--max-eval-samples", "4", "--batch-size", batch_size,
+                "--grad-accum-steps", "2", "--max-steps", "40", "--save-steps", "1"]
+
+    succeeded(run_torchrun(*flags(tmp_path / "whole")))
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(torchrun_command(*flags(stopped)), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=single_thread_env(), start_new_session=True)
+    deadline = time.monotonic() + 120
+    while saved_step(stopped) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    step = saved_step(stopped)
+    assert 2 <= step < 40, f"stopped at {step}\n{stderr[-3000:]}"
+    assert stderr.count(f"stopped at step {step}; continue with --resume") == 1, stderr[-3000:]
+    assert "Traceback" not in stderr.split("stopped at step")[0], stderr[-3000:]
+
+    other_count = tmp_path / "one-process"
+    shutil.copytree(stopped, other_count)
+    succeeded(run_torchrun(*flags(stopped), "--resume"))
+    a, b = weights(tmp_path / "whole" / "latest"), weights(stopped / "latest")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+    refused = run_single(*flags(other_count), "--resume")
+    assert refused.returncode == 2 and "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4" in refused.stderr
+    succeeded(run_single(*flags(other_count, batch_size=4), "--resume"))
+    assert results(other_count)["steps"] == 40 and results(other_count)["processes"] == 1
+
+
+def test_bad_input_under_torchrun_is_one_error_line(tmp_path):
+    bad = write_text(tmp_path / "bad.json", '{"version": "1.1", "data": [')
+    started = time.monotonic()
+    result = run_torchrun("--train-file", bad, "--output-dir", tmp_path / "out", "--device", "cpu", timeout=60)
+    assert time.monotonic() - started < 30
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0], output[-3000:]
+    assert 'train.py", line' not in output, output[-3000:]  # no traceback from any process
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path):
+    result = run_single("--fsdp", "--output-dir", tmp_path, "--train-file", SAMPLES / "squad_train.json")
+    assert result.returncode == 2 and "torchrun" in result.stderr
