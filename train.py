@@ -27,9 +27,9 @@ from engine.checkpoint import (find_checkpoint, load_run_config, load_training_s
                                save_checkpoint)
 from engine.device import autocast, pick_precision
 from engine.distributed import (any_rank, another_process_failed, clip_grad_norm, close_processes, first_to_fail,
-                                from_main, full_model_state, gather_to_main, gradient_sync, init_processes,
-                                is_distributed, is_main, load_optimizer_state, optimizer_state, rank, sum_over_ranks,
-                                unwrap, world_size, wrap_model)
+                                from_main, full_model_state, gather_to_main, gradient_sync, held_state_mb,
+                                init_processes, is_distributed, is_main, load_optimizer_state, optimizer_state, rank,
+                                sum_over_ranks, unwrap, world_size, wrap_model)
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
 from models.backbones import count_parameters, load_model, resolve_model
@@ -41,11 +41,12 @@ log = logging.getLogger("train")
 # Settings that shape the optimisation trajectory: a resumed run must use the same ones. The global
 # batch (--batch-size x --grad-accum-steps x processes) does; how it is cut into micro-batches and
 # shared among processes does not, so a run may resume with another process count.
-TRAJECTORY_ARGS = ("model", "train_file", "dataset", "max_train_samples", "global_batch", "learning_rate", "epochs", "max_steps", "seed", "group_by_length", "warmup_ratio", "weight_decay",
-                   "max_grad_norm", "max_seq_length", "doc_stride", "attention_dropout", "qa_style", "prompt_template",
-                   "no_answer_share", "freeze", "train_last_layers", "lora", "lora_r", "lora_alpha", "lora_dropout",
-                   "lora_targets", "task", "block_size", "drop_last", "line_by_line", "text_field", "validation_split",
-                   "validation_file", "dataset_config", "fsdp")
+TRAJECTORY_ARGS = ("model", "train_file", "dataset", "max_train_samples", "global_batch", "learning_rate", "epochs",
+                   "max_steps", "seed", "group_by_length", "warmup_ratio", "weight_decay", "max_grad_norm",
+                   "max_seq_length", "doc_stride", "attention_dropout", "qa_style", "prompt_template", "no_answer_share",
+                   "freeze", "train_last_layers", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "task",
+                   "block_size", "drop_last", "line_by_line", "text_field", "validation_split", "validation_file",
+                   "dataset_config", "fsdp")
 DEFAULT_MODELS = {"extractive": "minilm-l6", "generative": "smollm2-135m"}
 TASKS = {"qa": QATask, "clm": CLMTask}
 
@@ -81,7 +82,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description="Fine-tune a pretrained Transformers model; see README.md.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=list(TASKS), default="qa",
                    help="qa: question answering on SQuAD-format data; clm: causal language modelling on plain text")
     p.add_argument("--model",
@@ -236,7 +237,7 @@ def setup(args, device: torch.device):
     trainable, total = count_parameters(model)
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if args.lora or total < 50e6 else 3e-5
-    model = wrap_model(model, device, args.fsdp, transformer_blocks(model),
+    model = wrap_model(model, device, args.fsdp, transformer_blocks(model) if args.fsdp else [],
                        model.get_base_model() if is_lora(model) else model)
     if world_size() > 1:
         torch.manual_seed(args.seed + rank())  # each process its own dropout masks
@@ -493,8 +494,8 @@ def train(run, args) -> dict | None:
     return scores
 
 
-def write_results(run, args, scores: dict) -> None:
-    """OUTPUT_DIR/results.json: final scores, throughput and peak memory of the run."""
+def write_results(run, args, scores: dict, state_mb: list[float]) -> None:
+    """OUTPUT_DIR/results.json: final scores, throughput and memory of the run."""
     state = run.state
     results = {
         "eval": scores, "initial_eval": state.initial_scores, f"best_{run.task.metric}": state.best_score,
@@ -505,6 +506,7 @@ def write_results(run, args, scores: dict) -> None:
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "padding_share": 1 - state.tokens_seen / max(state.padded_tokens_seen, 1),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # of rank 0's process
+        "state_mb_per_process": state_mb,
         "trainable_parameters": run.parameters[0], "total_parameters": run.parameters[1],
         "args": plain_args(args),
     }
@@ -542,9 +544,10 @@ def main(argv=None) -> None:
         scores = train(run, args)
     if scores is None:
         raise UserError(f"nothing to do: the run in {args.output_dir} already finished {run.total_steps} steps")
+    state_mb = gather_to_main(held_state_mb(run.model, run.optimizer))
     main_process = is_main()
     if main_process:
-        write_results(run, args, scores)
+        write_results(run, args, scores, state_mb)
         if args.merge_lora:
             export_merged(run, args)
     # DDP's reducer holds the process group: released after it, the group's teardown can deadlock.

@@ -23,9 +23,10 @@ article only. Evaluation is kept short on purpose: the table's speeds are traini
 trains. Every run is fp32 on the CPU.
 
 Peak RSS is per process, the maximum over the ranks: rank 0's comes from results.json, every rank's
-(rank 0's too) from polling VmHWM in /proc/PID/status while the run lasts (Linux only). With
-`--repeats N` each row reports the median of N runs. Writes a Markdown report to stdout and to
-`--report`.
+(rank 0's too) from polling VmHWM in /proc/PID/status while the run lasts (Linux only). It is the
+high-water mark of the whole process: model loading and checkpoint saving count, not only the
+training steps. With `--repeats N` each row reports the median of N runs. Writes a Markdown report
+to stdout and to `--report`.
 """
 import argparse
 import json
@@ -189,15 +190,18 @@ def table(workload: Workload, runs: dict[str, list[dict]], configs_run: list[Con
         r = runs[config.name]
         per_rank = [median(r, lambda x, rank=rank: x["rank_peak_rss_mb"][rank]) for rank in range(config.processes)]
         tokens_per_s = median(r, lambda x: x["train_tokens_per_s"])
+        state = max(r[0]["state_mb_per_process"])
         rows.append(f"| {config.name} | {config.processes} x {config.threads} | {r[0]['global_batch']} | "
                     f"{median(r, lambda x: x['train_seconds']):.1f} | {tokens_per_s:.0f} | "
-                    f"{tokens_per_s / reference:.2f}x | {max(per_rank):.0f} ({', '.join(f'{m:.0f}' for m in per_rank)}) | "
+                    f"{tokens_per_s / reference:.2f}x | {state:.0f} | "
+                    f"{max(per_rank):.0f} ({', '.join(f'{m:.0f}' for m in per_rank)}) | "
                     f"{median(r, lambda x: x['eval'][workload.metric]):.2f} |")
     return [
         f"### {workload.title}", "", workload.details, "",
         f"| configuration | processes x threads | global batch | train s | train tokens/s | speed vs 1 x {configs_run[0].threads} "
-        f"| peak RSS MB per process: max (rank 0, 1, ...) | {'F1' if workload.metric == 'f1' else workload.metric} |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| weights + grads + AdamW MB per process | peak RSS MB per process: max (rank 0, 1, ...) "
+        f"| {'F1' if workload.metric == 'f1' else workload.metric} |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows, "",
     ]
 
@@ -247,7 +251,10 @@ def main():
         f"Strong scaling of `train.py` on the CPU: the same global batch and optimizer steps in one process of "
         f"{args.processes} threads and in {args.processes} torchrun processes of 1 thread each (DDP, FSDP2); fp32. "
         f"Speeds are training throughput on rank 0 (time in training steps, evaluation excluded); the ideal speed of "
-        f"a torchrun row is 1.00x. Median of {args.repeats} run(s) per row.",
+        f"a torchrun row is 1.00x. Peak RSS is each process's high-water mark over the whole run (model loading, "
+        f"evaluation and checkpoint saving included; under FSDP rank 0 gathers the full model and optimizer state to "
+        f"save them); weights + grads + AdamW is the size of the tensors each process holds for them (results.json's "
+        f"state_mb_per_process), what FSDP divides among the processes. Median of {args.repeats} run(s) per row.",
         "",
         f"Machine: {cpu_description()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.",
         "",

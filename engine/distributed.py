@@ -115,6 +115,18 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return norm.item()
 
 
+def held_state_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """MB of weights, their gradients (one per trainable weight, during a step) and optimizer state
+    that this process holds: the part of its memory that FSDP divides among the processes."""
+    def local_bytes(tensor: torch.Tensor) -> int:
+        return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).nbytes
+
+    weights = sum(local_bytes(p) for p in model.parameters())
+    gradients = sum(local_bytes(p) for p in model.parameters() if p.requires_grad)
+    moments = sum(local_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    return (weights + gradients + moments) / 2**20
+
+
 def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
