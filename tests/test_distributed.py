@@ -230,15 +230,16 @@ def saved_step(directory: Path) -> int:
         return -1
 
 
-def test_sigterm_saves_once_and_resume_is_bit_equal(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_sigterm_saves_once_and_resume_is_bit_equal(tiny_model_dir, tmp_path, fsdp):
     """With dropout (each process its own random stream): SIGTERM to torchrun in mid-run stops every
-    process at the same step with one save; resuming under torchrun ends bit-equal to a run that
-    was never stopped. Resuming with one process and the same global batch is allowed; another
-    global batch is refused in one line."""
+    process at the same step with one save; resuming under torchrun (FSDP: from the gathered
+    optimizer state, sharded again) ends bit-equal to a run that was never stopped. Resuming a DDP
+    run with one process and the same global batch is allowed; another global batch is refused."""
     def flags(output, batch_size=2):
         return ["--model", tiny_model_dir, "--output-dir", output, "--device", "cpu", "--precision", "fp32",
                 "--max-train-samples", "40", "--max-eval-samples", "4", "--batch-size", batch_size,
-                "--grad-accum-steps", "2", "--max-steps", "40", "--save-steps", "1"]
+                "--grad-accum-steps", "2", "--max-steps", "40", "--save-steps", "1", *(["--fsdp"] if fsdp else [])]
 
     succeeded(run_torchrun(*flags(tmp_path / "whole")))
     stopped = tmp_path / "stopped"
@@ -259,6 +260,8 @@ def test_sigterm_saves_once_and_resume_is_bit_equal(tiny_model_dir, tmp_path):
     succeeded(run_torchrun(*flags(stopped), "--resume"))
     a, b = weights(tmp_path / "whole" / "latest"), weights(stopped / "latest")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    if fsdp:
+        return
 
     refused = run_single(*flags(other_count), "--resume")
     assert refused.returncode == 2 and "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4" in refused.stderr
