@@ -101,15 +101,17 @@ def split_across_ranks(batch: list[int], lengths, ranks: int) -> list[list[int]]
     """Share one optimizer step's windows among processes so that each gets about as many tokens
     (no process idles while another runs the long windows) and as many windows, ±1.
 
-    Longest first, each window goes to the process with the fewest tokens that still has room.
+    Longest first, each window goes to the process with the fewest tokens that still has room. Each
+    share keeps the batch's order, so one process runs its batch exactly as before torchrun existed.
     """
     room = -(-len(batch) // ranks)
-    shares, tokens = [[] for _ in range(ranks)], [0] * ranks
+    owner, counts, tokens = {}, [0] * ranks, [0] * ranks
     for index in sorted(batch, key=lambda i: (-int(lengths[i]), i)):
-        rank = min((r for r in range(ranks) if len(shares[r]) < room), key=lambda r: (tokens[r], r))
-        shares[rank].append(index)
+        rank = min((r for r in range(ranks) if counts[r] < room), key=lambda r: (tokens[r], r))
+        owner[index] = rank
+        counts[rank] += 1
         tokens[rank] += int(lengths[index])
-    return shares
+    return [[i for i in batch if owner[i] == rank] for rank in range(ranks)]
 
 
 def step_plan(batch: list[int], lengths, ranks: int, micro_batch_size: int) -> list[list[list[int]]]:

@@ -96,8 +96,12 @@ def test_step_plan_with_fewer_windows_than_processes_stands_in():
 
 
 def test_step_plan_on_one_process_is_length_sorted_pieces():
-    lengths = np.random.default_rng(1).integers(20, 384, size=16)
-    assert step_plan(list(range(16)), lengths, 1, 16) == [length_sorted_pieces(list(range(16)), lengths)]
+    """One process runs its batch exactly as before torchrun support: the same pieces, in the same
+    order (rows in another order would draw other dropout masks)."""
+    rng = np.random.default_rng(1)
+    lengths = rng.choice([64, 128, 384], size=40)  # many ties, whose order matters
+    batch = rng.permutation(40)[:16].tolist()
+    assert step_plan(batch, lengths, 1, 16) == [length_sorted_pieces(batch, lengths)]
 
 
 # --- 2 processes against 1 -----------------------------------------------------------------------
