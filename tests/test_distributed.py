@@ -234,24 +234,51 @@ def saved_step(directory: Path) -> int:
         return -1
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_sigterm_saves_once_and_resume_is_bit_equal(tiny_model_dir, tmp_path, fsdp):
-    """With dropout (each process its own random stream): SIGTERM to torchrun in mid-run stops every
-    process at the same step with one save; resuming under torchrun (FSDP: from the gathered
-    optimizer state, sharded again) ends bit-equal to a run that was never stopped. Resuming a DDP
-    run with one process and the same global batch is allowed; another global batch is refused."""
-    def flags(output, batch_size=2):
-        return ["--model", tiny_model_dir, "--output-dir", output, "--device", "cpu", "--precision", "fp32",
-                "--max-train-samples", "40", "--max-eval-samples", "4", "--batch-size", batch_size,
-                "--grad-accum-steps", "2", "--max-steps", "40", "--save-steps", "1", *(["--fsdp"] if fsdp else [])]
+def stoppable_flags(model_dir, output, batch_size=2, fsdp=False):
+    """A 40-step run with dropout (each process its own random stream), saved after every step."""
+    return ["--model", model_dir, "--output-dir", output, "--device", "cpu", "--precision", "fp32",
+            "--max-train-samples", "40", "--max-eval-samples", "4", "--batch-size", batch_size,
+            "--grad-accum-steps", "2", "--max-steps", "40", "--save-steps", "1", *(["--fsdp"] if fsdp else [])]
 
-    succeeded(run_torchrun(*flags(tmp_path / "whole")))
-    stopped = tmp_path / "stopped"
-    process = subprocess.Popen(torchrun_command(*flags(stopped)), cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=single_thread_env(), start_new_session=True)
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_model_dir, tmp_path_factory):
+    """fsdp -> the output directory of a run that was never stopped."""
+    runs = {}
+
+    def run(fsdp: bool) -> Path:
+        if fsdp not in runs:
+            runs[fsdp] = tmp_path_factory.mktemp("uninterrupted")
+            succeeded(run_torchrun(*stoppable_flags(tiny_model_dir, runs[fsdp], fsdp=fsdp)))
+        return runs[fsdp]
+
+    return run
+
+
+def start_torchrun_until_saved(flags: list, output: Path, step: int, **pipes) -> subprocess.Popen:
+    """torchrun in the background, returned once `output/latest` holds step `step` or later."""
+    process = subprocess.Popen(torchrun_command(*flags), cwd=ROOT, text=True, env=single_thread_env(),
+                               start_new_session=True, **pipes)
     deadline = time.monotonic() + 120
-    while saved_step(stopped) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while saved_step(output) < step and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    return process
+
+
+def assert_bit_equal(a: Path, b: Path) -> None:
+    wa, wb = weights(a / "latest"), weights(b / "latest")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed run differs from the uninterrupted one"
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_sigterm_saves_once_and_resume_is_bit_equal(tiny_model_dir, tmp_path, uninterrupted_run, fsdp):
+    """SIGTERM to torchrun in mid-run stops every process at the same step with one save; resuming
+    under torchrun (FSDP: from the gathered optimizer state, sharded again) ends bit-equal to a run
+    that was never stopped. Resuming a DDP run with one process and the same global batch is
+    allowed; another global batch is refused."""
+    stopped = tmp_path / "stopped"
+    process = start_torchrun_until_saved(stoppable_flags(tiny_model_dir, stopped, fsdp=fsdp), stopped, 2,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     step = saved_step(stopped)
@@ -261,16 +288,43 @@ def test_sigterm_saves_once_and_resume_is_bit_equal(tiny_model_dir, tmp_path, fs
 
     other_count = tmp_path / "one-process"
     shutil.copytree(stopped, other_count)
-    succeeded(run_torchrun(*flags(stopped), "--resume"))
-    a, b = weights(tmp_path / "whole" / "latest"), weights(stopped / "latest")
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    succeeded(run_torchrun(*stoppable_flags(tiny_model_dir, stopped, fsdp=fsdp), "--resume"))
+    assert_bit_equal(uninterrupted_run(fsdp), stopped)
     if fsdp:
         return
 
-    refused = run_single(*flags(other_count), "--resume")
+    refused = run_single(*stoppable_flags(tiny_model_dir, other_count), "--resume")
     assert refused.returncode == 2 and "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4" in refused.stderr
-    succeeded(run_single(*flags(other_count, batch_size=4), "--resume"))
+    succeeded(run_single(*stoppable_flags(tiny_model_dir, other_count, batch_size=4), "--resume"))
     assert results(other_count)["steps"] == 40 and results(other_count)["processes"] == 1
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (torchrun starts its workers in sessions of their own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_sigkill_of_every_process_then_resume_is_bit_equal(tiny_model_dir, tmp_path, uninterrupted_run):
+    """Every process killed at once, as when a machine is lost, perhaps in the middle of a save:
+    the resumed run continues from the last complete checkpoint and ends bit-equal."""
+    killed = tmp_path / "killed"
+    flags = stoppable_flags(tiny_model_dir, killed)
+    process = start_torchrun_until_saved(flags, killed, 3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for pid in child_pids(process.pid):
+        os.kill(pid, signal.SIGKILL)
+    process.kill()
+    process.wait(timeout=60)
+    assert not (killed / "results.json").exists(), "the run ended before it was killed"
+    succeeded(run_torchrun(*flags, "--resume"))
+    assert_bit_equal(uninterrupted_run(False), killed)
 
 
 def test_bad_input_under_torchrun_is_one_error_line(tmp_path):
