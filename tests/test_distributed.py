@@ -30,15 +30,14 @@ def single_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun_command(*args, processes: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "train.py",
+def torchrun_command(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
             *map(str, args)]
 
 
-def run_torchrun(*args, processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(torchrun_command(*args, processes=processes), cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env=single_thread_env())
-    return result
+def run_torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=single_thread_env())
 
 
 def run_single(*args, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -78,8 +77,6 @@ def test_split_across_ranks_balances_tokens_and_keeps_every_window_once():
     assert [len(s) for s in shares] == [16, 16]
     tokens = [sum(int(lengths[i]) for i in share) for share in shares]
     assert abs(tokens[0] - tokens[1]) <= int(lengths.max())
-    # Random halves are usually much further apart than the longest window.
-    assert abs(tokens[0] - tokens[1]) < abs(sum(int(lengths[i]) for i in batch[:16]) - sum(int(lengths[i]) for i in batch[16:])) + 1
 
 
 def test_step_plan_gives_every_process_as_many_micro_batches():
@@ -155,10 +152,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ddp_runs, kind)
     assert (two["global_batch"], two["processes"]) == (8, 2) and (one["global_batch"], one["processes"]) == (8, 1)
     assert two["steps"] == one["steps"] == (6 if kind == "extractive" else 4)
     assert two["train_windows"] == one["train_windows"]
-    initial = weights(base / "one" / "latest")
     assert_same_weights(base / "two" / "latest", base / "one" / "latest",
                         skip=ZERO_GRADIENT_TENSORS if kind == "extractive" else ())
-    assert initial.keys() == weights(base / "two" / "best").keys()  # no "module." prefixes
+    assert weights(base / "two" / "best").keys() == weights(base / "one" / "best").keys()  # no "module." prefixes
 
 
 @pytest.mark.parametrize("kind", list(FLAGS))
