@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.torchrun_scaling import children
 from conftest import GENERATIVE_RUN_FLAGS, ROOT, SAMPLES, write_text
 from data.batching import length_sorted_pieces, split_across_ranks, step_plan
 
@@ -295,26 +296,13 @@ def test_sigterm_saves_once_and_resume_is_bit_equal(tiny_model_dir, tmp_path, un
     assert results(other_count)["steps"] == 40 and results(other_count)["processes"] == 1
 
 
-def child_pids(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (torchrun starts its workers in sessions of their own)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
 def test_sigkill_of_every_process_then_resume_is_bit_equal(tiny_model_dir, tmp_path, uninterrupted_run):
     """Every process killed at once, as when a machine is lost, perhaps in the middle of a save:
     the resumed run continues from the last complete checkpoint and ends bit-equal."""
     killed = tmp_path / "killed"
     flags = stoppable_flags(tiny_model_dir, killed)
     process = start_torchrun_until_saved(flags, killed, 3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for pid in child_pids(process.pid):
+    for pid in children(process.pid):  # torchrun starts its workers in sessions of their own
         os.kill(pid, signal.SIGKILL)
     process.kill()
     process.wait(timeout=60)
