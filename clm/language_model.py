@@ -1,13 +1,12 @@
 """Causal language modelling on grouped text blocks: the summed next-token loss and perplexity."""
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.batching import PadToLongest
+from data.batching import PadToLongest, longest_first_batches
 from data.text_blocks import GroupedTextBlocks
 from engine.device import autocast
 from engine.distributed import gather_to_main, is_main, shard_indices
@@ -31,8 +30,7 @@ def perplexity(model, blocks: GroupedTextBlocks, pad_token_id: int, device, prec
     per-batch perplexities. Under torchrun each process runs a share of the batches and rank 0 sums
     them in batch order, as one process would (the others get None)."""
     model.eval()
-    order = np.argsort(-blocks.lengths, kind="stable").tolist()
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = longest_first_batches(blocks.lengths, batch_size)
     mine = shard_indices(len(batches), model)
     loader = DataLoader(blocks, batch_sampler=[batches[i] for i in mine], collate_fn=PadToLongest(pad_token_id))
     sums = {}  # batch index -> (NLL, targets)
@@ -45,9 +43,7 @@ def perplexity(model, blocks: GroupedTextBlocks, pad_token_id: int, device, prec
     if gathered is None:
         return None
     merged = {index: value for share in gathered for index, value in share.items()}
-    total_nll, targets = 0.0, 0
-    for index in range(len(batches)):
-        total_nll += merged[index][0]
-        targets += merged[index][1]
+    total_nll = sum(merged[index][0] for index in range(len(batches)))  # in batch order, as one process adds
+    targets = sum(merged[index][1] for index in range(len(batches)))
     loss = total_nll / targets
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": targets}

@@ -97,13 +97,14 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def gradient_sync(model: torch.nn.Module, enabled: bool):
     """Synchronise gradients in this backward pass only when `enabled` (the last micro-batch of an
     optimizer step): accumulation micro-steps stay local, one all-reduce per step."""
-    if isinstance(model, DistributedDataParallel) and not enabled:
-        with model.no_sync():
+    if isinstance(model, DistributedDataParallel):
+        with contextlib.nullcontext() if enabled else model.no_sync():
             yield
         return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_requires_gradient_sync(enabled, recurse=False)
+    if is_distributed():  # FSDP2 flags each sharded module
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_requires_gradient_sync(enabled, recurse=False)
     yield
 
 
@@ -168,7 +169,7 @@ def shard_indices(count: int, model: torch.nn.Module) -> list[int]:
     weights in every forward pass, so all processes must run as many: shorter shares are padded
     with repeats, whose results are identical and overwrite nothing new."""
     share = list(range(rank(), count, world_size()))
-    if is_sharded(model) and is_distributed():
+    if is_sharded(model):
         longest = -(-count // world_size())
         share += [share[0] if share else 0] * (longest - len(share))
     return share

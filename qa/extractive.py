@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.batching import PadToLongest
+from data.batching import PadToLongest, longest_first_batches
 from data.qa_features import SquadFeatures
 from engine.device import autocast
 from engine.distributed import gather_to_main, is_main, shard_indices
@@ -48,8 +48,7 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
     put back in place by the feature index each batch carries, never by loader order.
     """
     model.eval()
-    order = np.argsort(-features.lengths, kind="stable").tolist()
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = longest_first_batches(features.lengths, batch_size)
     mine = [batches[i] for i in shard_indices(len(batches), model)]
     loader = DataLoader(features, batch_sampler=mine, collate_fn=PadToLongest(features.pad_token_id))
     computed = []

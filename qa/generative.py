@@ -6,16 +6,15 @@ and predict.py both call it.
 """
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.batching import PadToLongest
+from data.batching import PadToLongest, longest_first_batches
 from data.generative_features import GenerativeQAFeatures
 from engine.device import autocast
-from engine.distributed import gather_to_main, is_main, is_sharded, shard_indices, world_size
+from engine.distributed import gather_to_main, is_main, is_sharded, shard_indices
 
 
 @dataclass(frozen=True)
@@ -81,13 +80,12 @@ class GenerativeQA:
         each batch carries."""
         model.eval()
         eos = self.tokenizer.eos_token_id
-        order = np.argsort(-features.lengths, kind="stable").tolist()
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = longest_first_batches(features.lengths, batch_size)
         mine = [batches[i] for i in shard_indices(len(batches), model)]
         loader = DataLoader(features, batch_sampler=mine, collate_fn=self.collate(features))
         # A sharded (FSDP) model must run as many forward passes on every process: generation then
         # goes on to the longest answer of any process.
-        synced = is_sharded(model) and world_size() > 1
+        synced = is_sharded(model)
         generated_here = []
         for batch in tqdm(loader, desc="generate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main()):
             with autocast(device, precision):
