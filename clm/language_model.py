@@ -2,7 +2,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -10,13 +9,15 @@ from data.batching import PadToLongest, longest_first_batches
 from data.text_blocks import GroupedTextBlocks
 from engine.device import autocast
 from engine.distributed import gather_to_main, is_main, shard_indices
+from models.lm_head_loss import final_hidden_states, lm_head_loss
 
 
 def next_token_loss(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy over the batch's targets (labels are already the next tokens; padding is
-    -100); the training loop normalises by the targets of the whole optimizer step."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+    -100), with the LM head run in chunks; the training loop normalises by the targets of the whole
+    optimizer step."""
+    hidden = final_hidden_states(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return lm_head_loss(model, hidden, batch["labels"])
 
 
 def count_targets(batch: dict) -> int:

@@ -15,6 +15,7 @@ from data.batching import PadToLongest, longest_first_batches
 from data.generative_features import GenerativeQAFeatures
 from engine.device import autocast
 from engine.distributed import gather_to_main, is_main, is_sharded, shard_indices
+from models.lm_head_loss import final_hidden_states, lm_head_loss
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,12 @@ class GenerativeQA:
         normalises by the target tokens of the whole step."""
         labels = batch["labels"]
         if self.decoder_only:
-            # Rows are left-padded, so every answer lies in the last `longest` positions: only those
-            # need the LM head (SmolLM2's 49k-word head costs a fifth of the forward pass per position).
-            longest = int((labels != -100).sum(1).max())
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=position_ids(batch["attention_mask"]), logits_to_keep=longest + 1,
-                           use_cache=False).logits[:, :-1]
-            labels = labels[:, -longest:]
-        else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                           use_cache=False).logits
+            # The head runs in chunks and only where an answer token is predicted (models/lm_head_loss.py).
+            hidden = final_hidden_states(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         position_ids=position_ids(batch["attention_mask"]))
+            return lm_head_loss(model, hidden[:, :-1], labels[:, 1:])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                       use_cache=False).logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
     @staticmethod

@@ -1,0 +1,94 @@
+"""Cross-entropy of a language model's output head, computed over chunks of target positions.
+
+The full `[positions x vocabulary]` logits are what make causal-LM training large: SmolLM2's head has
+49,152 words, so 8 x 256 positions are 400 MB per fp32 copy, and the usual `F.cross_entropy(logits)`
+keeps several copies (logits, their float upcast, log-softmax, gradient). Here the model runs
+without its head, and the head and the loss run one chunk of positions at a time. Since the loss is
+the last operation before `backward`, each chunk's gradients (softmax minus one-hot, through the
+head) are computed right there in the forward pass and only scaled in the backward pass: no chunk
+of logits is kept or recomputed, and only target positions (labels not -100) reach the head at all.
+"""
+import torch
+import torch.nn.functional as F
+
+from engine.distributed import unwrap
+from engine.errors import UserError
+
+# Positions per chunk: 512 x 49,152 fp32 logits are 100 MB, and 512-row matrix products still run
+# at the machine's full matmul speed.
+CHUNK_POSITIONS = 512
+
+
+def final_hidden_states(model, **inputs) -> torch.Tensor:
+    """The normalised hidden states the LM head reads, `[batch, positions, hidden]`. Goes through the
+    model's own forward (so DDP, FSDP and PEFT hooks run) and asks it for the head at one position only."""
+    outputs = model(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
+    return outputs.hidden_states[-1]
+
+
+def output_head(model) -> torch.nn.Linear:
+    head = unwrap(model).get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise UserError(f"the output head is a {type(head).__name__}, not a plain linear layer: leave it out of "
+                        "--lora-targets (the chunked LM loss reads its weight)")
+    return head
+
+
+def lm_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the head's predictions from `hidden` for `labels` (aligned position by
+    position; -100 marks positions without a target). Equal to `F.cross_entropy(head(hidden).float(),
+    labels, reduction="sum")`, in value and gradients, to float rounding."""
+    head = output_head(model)
+    keep = labels != -100
+    hidden, targets = hidden[keep], labels[keep]
+    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        return ChunkedHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), CHUNK_POSITIONS):
+        chunk = slice(start, start + CHUNK_POSITIONS)
+        logits = F.linear(hidden[chunk], head.weight, head.bias).float()
+        total = total + F.cross_entropy(logits, targets[chunk], reduction="sum")
+    return total
+
+
+class ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T + bias` against `targets`, with the gradients of
+    every input computed chunk by chunk in the forward pass. Runs under the caller's autocast, so
+    the head's matrix products use the same precision as they would in the model."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        want_hidden, want_weight = hidden.requires_grad, weight.requires_grad
+        want_bias = bias is not None and bias.requires_grad
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(targets), CHUNK_POSITIONS):
+            chunk = slice(start, start + CHUNK_POSITIONS)
+            rows, chunk_targets = hidden[chunk], targets[chunk]
+            logits = F.linear(rows, weight, bias).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            # d(loss)/d(logits) = softmax - one-hot, built in place in the logits' buffer
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            grad_logits[torch.arange(len(chunk_targets)), chunk_targets] -= 1
+            if want_hidden:
+                grad_hidden[chunk] = grad_logits.to(rows.dtype) @ weight.to(rows.dtype)
+            if want_weight:
+                grad_weight += (grad_logits.T @ rows.to(grad_logits.dtype)).float()
+            if want_bias:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+
+        def scaled(grad, like):
+            return None if grad is None else (grad * grad_total).to(like)
+
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return scaled(grad_hidden, hidden_dtype), scaled(grad_weight, weight_dtype), scaled(grad_bias, weight_dtype), None
