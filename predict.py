@@ -28,7 +28,8 @@ from qa.styles import make_qa
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint",
-                   help="checkpoint directory written by train.py (default: outputs/qa/best, with --prompt outputs/clm/best)")
+                   help="checkpoint directory written by train.py, or a run's output directory to use its best/ "
+                        "(default: outputs/qa, with --prompt outputs/clm)")
     p.add_argument("--question", help="the question to answer")
     context = p.add_mutually_exclusive_group()
     context.add_argument("--context", help="the text that contains the answer")
@@ -63,9 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.prompt is not None or args.prompt_file:
         if args.question or args.context or args.context_file or args.input:
             p.error("--prompt generates text; it does not combine with the question-answering flags")
-        args.checkpoint = args.checkpoint or "outputs/clm/best"
+        args.checkpoint = args.checkpoint or "outputs/clm"
         return args
-    args.checkpoint = args.checkpoint or "outputs/qa/best"
+    args.checkpoint = args.checkpoint or "outputs/qa"
     if args.input:
         if args.question or args.context or args.context_file:
             p.error("--input replaces --question/--context/--context-file")
@@ -117,7 +118,7 @@ def main(argv=None) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    checkpoint = find_checkpoint(Path(args.checkpoint))
+    checkpoint = find_checkpoint(Path(args.checkpoint), "best")
     settings = load_run_config(checkpoint)
     if args.prompt is not None or args.prompt_file:
         generate(args, checkpoint, settings)

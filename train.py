@@ -164,6 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ev.add_argument("--eval-batch-size", type=int,
                     help="windows or blocks per evaluation batch; default 64 for qa, 8 for clm (its logits span the "
                          "whole vocabulary at every position)")
+    ev.add_argument("--eval-before-training", action=argparse.BooleanOptionalAction,
+                    help="score the model once before training, as a baseline; default: yes, unless it has a fresh, "
+                         "untrained span head (extractive QA from a backbone), which would score about nothing")
     ev.add_argument("--n-best", type=int, default=20, help="extractive: start and end candidates per window in the span search")
     ev.add_argument("--max-answer-length", type=int, default=30, help="extractive: longest answer span, in tokens")
     ev.add_argument("--null-score-diff-threshold", type=float, default=0.0,
@@ -173,7 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--save-steps", type=int, default=200, help="also save the latest checkpoint every N optimizer steps")
     run.add_argument("--log-steps", type=int, default=10, help="TensorBoard logging interval in optimizer steps")
     run.add_argument("--resume", nargs="?", const="latest", metavar="DIR",
-                     help="continue an interrupted run from DIR (default: OUTPUT_DIR/latest)")
+                     help="continue an interrupted run from checkpoint DIR, or from run directory DIR's latest/ "
+                          "(default: OUTPUT_DIR/latest)")
     run.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), or cpu, cuda, cuda:1, mps")
     run.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                      help="autocast precision; auto: bf16 on GPUs that support it and on CPUs with AMX, fp16 on older GPUs, else fp32")
@@ -229,12 +233,14 @@ def setup(args, device: torch.device):
     output_dir = Path(args.output_dir)
     resume_from = None
     if args.resume:
-        resume_from = find_checkpoint(output_dir / "latest" if args.resume == "latest" else Path(args.resume))
+        resume_from = find_checkpoint(output_dir if args.resume == "latest" else Path(args.resume), "latest")
 
     base_model = resolve_model(args.model)
     task = TASKS[args.task](args, base_model, resume_from)
     model = build_model(args, base_model, resume_from, task.settings).to(device)
     trainable, total = count_parameters(model)
+    eval_before_training = (args.eval_before_training if args.eval_before_training is not None
+                            else not getattr(model, "untrained_head", False))
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if args.lora or total < 50e6 else 3e-5
     model = wrap_model(model, device, args.fsdp, transformer_blocks(model) if args.fsdp else [],
@@ -276,7 +282,7 @@ def setup(args, device: torch.device):
     return argparse.Namespace(
         device=device, precision=precision, task=task, model=model, batches=batches, total_steps=total_steps,
         optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, output_dir=output_dir,
-        parameters=(trainable, total),
+        parameters=(trainable, total), eval_before_training=eval_before_training,
     )
 
 
@@ -348,7 +354,7 @@ def evaluate(run, args) -> dict:
     evaluation before training predictions_before_training.json)."""
     if is_main():
         run.output_dir.mkdir(parents=True, exist_ok=True)
-    name = "predictions_before_training.json" if run.state.initial_scores is None else "predictions.json"
+    name = "predictions_before_training.json" if run.state.step == 0 else "predictions.json"
     # Evaluation must leave the random stream alone (its DataLoader draws a seed from it): otherwise
     # how often a run evaluates would change its dropout masks, and so its result.
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
@@ -447,7 +453,7 @@ def train(run, args) -> dict | None:
     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
     lengths = run.task.train_set.lengths
     scores = None
-    if state.initial_scores is None:
+    if state.step == 0 and state.initial_scores is None and run.eval_before_training:
         state.initial_scores = scores = evaluate_and_save(run, args, writer)
     with StopRequest() as stop:
         while state.step < run.total_steps:

@@ -41,14 +41,16 @@ def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, trainin
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def find_checkpoint(directory: Path) -> Path:
-    """The checkpoint at `directory`, or its previous version if a save was interrupted."""
+def find_checkpoint(directory: Path, in_run_directory: str) -> Path:
+    """The checkpoint at `directory`, or its previous version if a save was interrupted; given a
+    run's output directory (train.py --output-dir), its checkpoint named `in_run_directory`."""
     directory = Path(directory)
-    for candidate in (directory, directory.with_name(f"{directory.name}.old")):
-        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise UserError(f"{directory}: no checkpoint there (expected a model directory with config.json, "
-                    "or a LoRA adapter with adapter_config.json)")
+    for candidate in (directory, directory / in_run_directory):
+        for version in (candidate, candidate.with_name(f"{candidate.name}.old")):
+            if (version / "config.json").is_file() or (version / "adapter_config.json").is_file():
+                return version
+    raise UserError(f"{directory}: no checkpoint there (expected a model directory with config.json, a LoRA "
+                    f"adapter with adapter_config.json, or a run directory with {in_run_directory}/)")
 
 
 def load_run_config(directory: Path) -> dict:
