@@ -10,8 +10,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.device import pick_device
@@ -73,6 +71,8 @@ def wrap_model(model: torch.nn.Module, device: torch.device, fsdp: bool, blocks:
     if not is_distributed():
         return model
     if fsdp:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
         for block in blocks:
             fully_shard(block)
         fully_shard(root)
@@ -90,7 +90,24 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return bool(sharded_modules(model))
+
+
+def sharded_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    if not is_distributed():
+        return []  # FSDP needs a process group; importing it takes a second that predict.py should not pay
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a tensor FSDP sharded (a DTensor), or the tensor itself."""
+    if not is_distributed():
+        return tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 @contextlib.contextmanager
@@ -101,17 +118,15 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
         with contextlib.nullcontext() if enabled else model.no_sync():
             yield
         return
-    if is_distributed():  # FSDP2 flags each sharded module
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_requires_gradient_sync(enabled, recurse=False)
+    for module in sharded_modules(model):  # FSDP2 flags each sharded module
+        module.set_requires_gradient_sync(enabled, recurse=False)
     yield
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Clip the gradients' global norm; under FSDP the norm is computed over all shards."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if isinstance(norm, DTensor):
+    if is_sharded(model):  # a DTensor: its value needs every shard
         norm = norm.full_tensor()
     return norm.item()
 
@@ -120,7 +135,7 @@ def held_state_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> f
     """MB of weights, their gradients (one per trainable weight, during a step) and optimizer state
     that this process holds: the part of its memory that FSDP divides among the processes."""
     def local_bytes(tensor: torch.Tensor) -> int:
-        return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).nbytes
+        return local_part(tensor).nbytes
 
     weights = sum(local_bytes(p) for p in model.parameters())
     gradients = sum(local_bytes(p) for p in model.parameters() if p.requires_grad)
