@@ -76,7 +76,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
             if want_hidden:
                 grad_hidden[chunk] = grad_logits.to(rows.dtype) @ weight.to(rows.dtype)
             if want_weight:
-                grad_weight += (grad_logits.T @ rows.to(grad_logits.dtype)).float()
+                grad_weight += grad_logits.T @ rows.to(grad_logits.dtype)
             if want_bias:
                 grad_bias += grad_logits.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -85,10 +85,10 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-
-        def scaled(grad, like):
-            return None if grad is None else (grad * grad_total).to(like)
-
+        # Scaled in place: the saved gradients serve this one backward pass only.
+        grad_hidden, grad_weight, grad_bias = (None if grad is None else grad.mul_(grad_total)
+                                               for grad in ctx.saved_tensors)
         hidden_dtype, weight_dtype = ctx.dtypes
-        return scaled(grad_hidden, hidden_dtype), scaled(grad_weight, weight_dtype), scaled(grad_bias, weight_dtype), None
+        return (None if grad_hidden is None else grad_hidden.to(hidden_dtype),
+                None if grad_weight is None else grad_weight.to(weight_dtype),
+                None if grad_bias is None else grad_bias.to(weight_dtype), None)

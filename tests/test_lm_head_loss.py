@@ -1,6 +1,6 @@
 """The chunked LM-head loss gives the loss and gradients of F.cross_entropy on full logits: tied and
-untied heads, LoRA, padding, several chunks, and under bf16 autocast; and it never builds the full
-[positions x vocabulary] logits."""
+untied heads, LoRA, gradient checkpointing, padding, several chunks, and under bf16 autocast; and it
+never builds the full [positions x vocabulary] logits."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,10 +43,13 @@ def loss_and_gradients(model, loss_fn, batch) -> tuple[torch.Tensor, dict]:
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "untied-head"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_chunked_loss_equals_full_logits_cross_entropy(tiny_llama_dir, monkeypatch, tied, lora):
+@pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (False, True)],
+                         ids=["full", "lora", "gradient-checkpointing"])
+def test_chunked_loss_equals_full_logits_cross_entropy(tiny_llama_dir, monkeypatch, tied, lora, checkpointing):
     monkeypatch.setattr(models.lm_head_loss, "CHUNK_POSITIONS", 5)  # 19 targets: four chunks, the last partial
     model = tiny_llama(tiny_llama_dir, tied)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model = add_lora(model, "causal-lm", r=4, alpha=8, dropout=0.0, targets=None)
     model.train()
