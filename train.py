@@ -2,10 +2,16 @@
 
 Reads top to bottom: arguments -> setup -> train_step -> evaluate -> the training loop -> main.
 """
+import os
+
+# Tensors of 2 MB and more on transparent huge pages: a training step frees and allocates gigabytes
+# of activations, and with 4 KB pages the freed memory fragments (SmolLM2 at 8 x 256 tokens with
+# gradient checkpointing: 3.8 GB peak RSS instead of 3.4 GB). Read once, when torch first allocates.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
 import json
 import logging
-import os
 import random
 import resource
 import signal
@@ -141,8 +147,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            "linear layer except the output head")
     tl.add_argument("--merge-lora", action="store_true",
                     help="after training, also write OUTPUT_DIR/merged: the best adapter merged into a plain model")
-    tl.add_argument("--gradient-checkpointing", action="store_true",
-                    help="recompute activations in the backward pass: much less memory, about a third more time")
+    tl.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                    help="recompute each block's activations in the backward pass: a fraction of the memory for "
+                         "about a fifth more time; default: on for decoder-only language models (--task clm, "
+                         "generative QA with SmolLM2), whose activations outweigh the weights, gradients and "
+                         "AdamW state together (SmolLM2-135M at 8 x 256 tokens: 6 GB instead of 3.5 GB)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=3, help="passes over the training windows")
     opt.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
@@ -292,7 +301,7 @@ def build_model(args, base_model: str, resume_from: Path | None, settings: dict)
         model = load_trained_model(resume_from, settings, trainable=True, attention_dropout=args.attention_dropout)
     else:
         model = load_model(base_model, settings["model_kind"], args.attention_dropout)
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing or (args.gradient_checkpointing is None and settings["model_kind"] == "causal-lm"):
         # Non-reentrant checkpointing also works when the inputs' embeddings are frozen (LoRA, --freeze).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.freeze or args.train_last_layers:
