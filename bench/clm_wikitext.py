@@ -27,9 +27,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.machine import cpu_description, has_amx, matmul_peak_flops, training_flops_per_token  # noqa: E402
+from bench.machine import (cpu_description, has_amx, matmul_parameters, matmul_peak_flops, model_on_meta,
+                           training_flops_per_token)  # noqa: E402
 from bench.qa_squad import write_report  # noqa: E402
-from models.backbones import load_config, resolve_model  # noqa: E402
+from models.backbones import resolve_model  # noqa: E402
 
 ARTICLE_TITLE = re.compile(r"^ = [^=].* = $")
 MODEL = "smollm2-135m"
@@ -88,19 +89,10 @@ def run_trainer(precision: str, train_file: Path, validation_file: Path, directo
 
 
 def model_flops_per_token(block_size: int) -> float:
-    """Training FLOPs per token of the model: its matmul parameters are all but the input embedding,
-    with the LM head counted once even though SmolLM2 ties it to the embedding (it is still a matmul).
-    The model is built on the meta device, from its config alone: no weights are loaded."""
-    from transformers import AutoModelForCausalLM
-
-    config = load_config(resolve_model(MODEL))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    parameters = sum(p.numel() for p in model.parameters()) - embedding.numel()
-    if head is embedding:  # parameters() lists a tied matrix once
-        parameters += head.numel()
-    return training_flops_per_token(parameters, config.num_hidden_layers, config.hidden_size, block_size)
+    """Training FLOPs per token of the model, from its configuration (no weights loaded)."""
+    model = model_on_meta(resolve_model(MODEL), "causal-lm")
+    return training_flops_per_token(matmul_parameters(model), model.config.num_hidden_layers,
+                                    model.config.hidden_size, block_size)
 
 
 def main():

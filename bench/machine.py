@@ -69,3 +69,19 @@ def training_flops_per_token(parameters: int, layers: int, hidden: int, context:
     it is tied to the embedding."""
     # Kaplan et al. / PaLM: 6 FLOPs per parameter per token, plus attention scores 12 * layers * hidden * seq_len
     return 6 * parameters + 12 * layers * hidden * context
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the linear layers: the weights every token is multiplied by (embeddings are
+    lookups; a head tied to the embedding is one linear module, counted once)."""
+    return sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
+
+
+def model_on_meta(path: str, kind: str) -> torch.nn.Module:
+    """The model of a configuration, with no weights allocated or loaded: enough to count parameters."""
+    from models.backbones import load_config
+    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering
+
+    auto_class = {"causal-lm": AutoModelForCausalLM, "span": AutoModelForQuestionAnswering}[kind]
+    with torch.device("meta"):
+        return auto_class.from_config(load_config(path))

@@ -7,7 +7,8 @@ Two checkpoints are made with train.py in a temporary directory (one optimizer s
 answers are not the point): extractive MiniLM (`minilm-l6`) and generative decoder-only SmolLM2
 (`smollm2-135m`, answering in up to 32 generated tokens). Each timing is the median of `--repeats`
 runs after one warm-up run (files in the page cache, as for a user asking a second question), the
-three commands interleaved so that a slow moment of the machine hits all of them.
+commands interleaved so that a slow moment of the machine hits all of them. Two floor rows time the
+bare import plus transformers' own import of the model class that each checkpoint needs.
 """
 import argparse
 import statistics
@@ -52,6 +53,11 @@ def main():
             "SmolLM2-135M generative": make_checkpoint(Path(tmp) / "smollm2", ["--qa-style", "generative"]),
         }
         commands = {"bare `import torch, transformers`": [sys.executable, "-c", "import torch, transformers"]}
+        # What transformers itself imports to build a model of the class (modeling_utils, generation,
+        # kernels integration...), before any checkpoint is read: the floor for any loading code.
+        for model_class in ("BertForQuestionAnswering", "LlamaForCausalLM"):
+            commands[f"floor: also import transformers' `{model_class}`"] = [
+                sys.executable, "-c", f"import torch, transformers; transformers.{model_class}"]
         for name, checkpoint in checkpoints.items():
             commands[f"predict.py, {name}"] = [sys.executable, "predict.py", "--checkpoint", str(checkpoint),
                                                "--question", QUESTION, "--context", CONTEXT]

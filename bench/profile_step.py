@@ -49,7 +49,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from bench.machine import cpu_description, matmul_peak_flops, training_flops_per_token  # noqa: E402
+from bench.machine import cpu_description, matmul_parameters, matmul_peak_flops, training_flops_per_token  # noqa: E402
 from bench.qa_squad import write_report  # noqa: E402
 from clm.language_model import next_token_loss  # noqa: E402
 from data.batching import longest_first_batches, step_plan  # noqa: E402
@@ -115,12 +115,6 @@ class Calls:
 
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-def matmul_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the linear layers: the weights every token is multiplied by (embeddings are
-    lookups; a head tied to the embedding is one linear module, counted once)."""
-    return sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
 
 
 def sequence_flops(model: torch.nn.Module, lengths) -> float:

@@ -21,6 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
+
+from bench.machine import (cpu_description, matmul_parameters, matmul_peak_flops, model_on_meta,  # noqa: E402
+                           training_flops_per_token)
 from data.batching import TrainBatches, length_sorted_pieces  # noqa: E402
 from data.qa_features import SquadFeatures  # noqa: E402
 from data.squad import SquadExamples  # noqa: E402
@@ -86,7 +90,14 @@ def batch_statistics(train_file: Path, batch_size: int = 16) -> dict[str, dict[s
         stats[f"{kind}, in length-sorted pieces"] = {
             "padding": padding_share(pieces, features.lengths), "pieces": len(pieces) / len(batches)}
     stats["windows"] = len(features)
+    stats["mean_window"] = float(features.lengths.mean())
     return stats
+
+
+def minilm_flops_per_token(mean_window: float) -> float:
+    model = model_on_meta(resolve_model("minilm-l6"), "span")
+    return training_flops_per_token(matmul_parameters(model), model.config.num_hidden_layers, model.config.hidden_size,
+                                    round(mean_window))
 
 
 def run_config(name: str, train_file: Path, validation_file: Path, directory: Path) -> dict:
@@ -134,24 +145,37 @@ def main():
             print(f"{name}: {median(runs[name], 'train_seconds'):.0f} s, F1 {median(runs[name], 'f1'):.2f}", file=sys.stderr)
         eval_questions = runs[names[0]][0]["eval"]["total"]
 
-    reference = "trainer-bf16-grouped" if "trainer-bf16-grouped" in runs else None
+    trainers = [name for name in names if name.startswith("trainer")]
+    # The Trainer's fastest setting on this machine, by the whole run: start to final scores.
+    reference = min(trainers, key=lambda name: median(runs[name], "wall_seconds")) if trainers else None
+    flops_per_token = minilm_flops_per_token(stats["mean_window"])
+    peak = matmul_peak_flops(torch.float32)
     lines = [
         f"SQuAD v1.1 pool `{args.pool.name}`: train on the first {args.train_questions} questions "
         f"({stats['windows']} windows) of the articles before the last {args.eval_articles}, 1 epoch; "
         f"evaluate on the last {args.eval_articles} articles ({eval_questions} questions). MiniLM-L6-H384 (`minilm-l6`), "
-        f"batch 16, lr 3e-4, warmup 10%, max_seq_length 384, doc_stride 128. Median of {args.repeats} run(s) per row.",
+        f"batch 16, lr 3e-4, warmup 10%, max_seq_length 384, doc_stride 128. Median of {args.repeats} run(s) per row. "
+        "`whole run s` is the process's wall-clock from start to exit: loading, features, training, evaluation "
+        "(train.py evaluates before training only when asked: a fresh span head would score about nothing). "
+        f"Model GFLOP/s: train tokens/s x {flops_per_token / 1e6:.0f} MFLOP per training token (6 x "
+        f"linear-layer parameters + 12 x layers x hidden x mean window of {stats['mean_window']:.0f} tokens), "
+        f"against the fp32 matmul peak measured here ({peak / 1e9:.0f} GFLOP/s, square torch.mm).",
         "",
-        "| configuration | train s | train windows/s | train tokens/s | eval windows/s | peak RSS MB | EM | F1 |"
-        + (" speed vs Trainer bf16 grouped |" if reference else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if reference else ""),
+        f"Machine: {cpu_description()}; {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| configuration | whole run s | train s | train windows/s | train tokens/s | model GFLOP/s | share of fp32 peak "
+        "| eval windows/s | peak RSS MB | EM | F1 |" + (f" whole run vs {reference} |" if reference else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if reference else ""),
     ]
     for name in names:
         r = runs[name]
-        row = (f"| {name} | {median(r, 'train_seconds'):.0f} | {median(r, 'train_windows_per_s'):.1f} | "
-               f"{median(r, 'train_tokens_per_s'):.0f} | {median(r, 'eval_windows_per_s'):.1f} | "
+        model_flops = flops_per_token * median(r, "train_tokens_per_s")
+        row = (f"| {name} | {median(r, 'wall_seconds'):.0f} | {median(r, 'train_seconds'):.0f} | "
+               f"{median(r, 'train_windows_per_s'):.1f} | {median(r, 'train_tokens_per_s'):.0f} | "
+               f"{model_flops / 1e9:.1f} | {model_flops / peak:.0%} | {median(r, 'eval_windows_per_s'):.1f} | "
                f"{median(r, 'peak_rss_mb'):.0f} | {median(r, 'exact_match'):.2f} | {median(r, 'f1'):.2f} |")
         if reference:
-            row += f" {median(runs[reference], 'train_seconds') / median(r, 'train_seconds'):.2f}x |"
+            row += f" {median(r, 'wall_seconds') / median(runs[reference], 'wall_seconds'):.2f}x |"
         lines.append(row)
     lines += [
         "",
@@ -160,7 +184,7 @@ def main():
         *(f"- {kind}: {s['padding']:.1%} of computed tokens are padding"
           + (f", {s['distinct']:.1%} of a batch's windows come from distinct paragraphs" if "distinct" in s else "")
           + (f", {s['pieces']:.1f} pieces per batch" if "pieces" in s else "")
-          for kind, s in stats.items() if kind != "windows"),
+          for kind, s in stats.items() if isinstance(s, dict)),
     ]
     write_report(args.report, lines)
 
