@@ -23,10 +23,10 @@ from qa.extractive import ExtractiveQA  # noqa: E402
 from qa.metrics import squad_scores  # noqa: E402
 
 
-class TrainerFeatures(torch.utils.data.Dataset):
-    """Our windows, minus the feature index the Trainer would pass to the model."""
+class WithoutFeatureIndex(torch.utils.data.Dataset):
+    """Our windows or blocks, minus the feature index the Trainer would pass to the model."""
 
-    def __init__(self, features: SquadFeatures):
+    def __init__(self, features):
         self.features = features
 
     def __len__(self):
@@ -66,7 +66,7 @@ def main():
         train_sampling_strategy="group_by_length" if args.group_by_length else "random", seed=args.seed,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=TrainerFeatures(features),
+    trainer = Trainer(model=model, args=training_args, train_dataset=WithoutFeatureIndex(features),
                       data_collator=DataCollatorWithPadding(tokenizer))
     started = time.perf_counter()
     trainer.train()

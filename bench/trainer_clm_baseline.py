@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.trainer_baseline import WithoutFeatureIndex  # noqa: E402
 from clm.language_model import count_targets, perplexity  # noqa: E402
 from data.batching import PadToLongest  # noqa: E402
 from data.text_blocks import GroupedTextBlocks, content_hash, read_documents, source_files, token_stream  # noqa: E402
@@ -41,21 +42,6 @@ def text_blocks(train_file: str, validation_file: str, tokenizer, block_size: in
     train_tokens = token_stream(documents(train_file), tokenizer, cache_dir, {**key, "part": "train"})
     eval_tokens = token_stream(documents(validation_file), tokenizer, cache_dir, {**key, "part": "validation"})
     return GroupedTextBlocks(train_tokens, block_size), GroupedTextBlocks(eval_tokens, block_size)
-
-
-class TrainerBlocks(torch.utils.data.Dataset):
-    """Our blocks, minus the block index the Trainer would pass to the model."""
-
-    def __init__(self, blocks: GroupedTextBlocks):
-        self.blocks = blocks
-
-    def __len__(self):
-        return len(self.blocks)
-
-    def __getitem__(self, index):
-        item = dict(self.blocks[index])
-        del item["feature_index"]
-        return item
 
 
 class BlockTrainer(Trainer):
@@ -100,7 +86,7 @@ def main():
         weight_decay=0.01, max_grad_norm=1.0, optim="adamw_torch_fused", bf16=args.precision == "bf16",
         use_cpu=True, seed=args.seed, report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
     )
-    trainer = BlockTrainer(model=model, args=training_args, train_dataset=TrainerBlocks(train_set),
+    trainer = BlockTrainer(model=model, args=training_args, train_dataset=WithoutFeatureIndex(train_set),
                            data_collator=PadToLongest(pad_token_id))
     started = time.perf_counter()
     trainer.train()
