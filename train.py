@@ -190,6 +190,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), or cpu, cuda, cuda:1, mps")
     run.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                      help="autocast precision; auto: bf16 on GPUs that support it and on CPUs with AMX, fp16 on older GPUs, else fp32")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model (dynamic shapes) for training and evaluation; off by default: "
+                          "on a 2-core CPU it made MiniLM training no faster after minutes of compiling "
+                          "(bench/results/profile_step.md)")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard weights, gradients and optimizer state across the processes (FSDP2) "
                           "instead of replicating the model in each (DDP)")
@@ -247,6 +251,8 @@ def setup(args, device: torch.device):
     base_model = resolve_model(args.model)
     task = TASKS[args.task](args, base_model, resume_from)
     model = build_model(args, base_model, resume_from, task.settings).to(device)
+    if args.compile:
+        model.compile(dynamic=True)  # in place: parameter names, and so checkpoints, stay as they are
     trainable, total = count_parameters(model)
     eval_before_training = (args.eval_before_training if args.eval_before_training is not None
                             else not getattr(model, "untrained_head", False))
@@ -544,6 +550,8 @@ def export_merged(run, args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = init_processes(args.device)  # under torchrun; plain `python train.py` has no process group
+    if args.compile and args.fsdp:
+        raise UserError("--compile with --fsdp is not supported: use one or the other")
     if args.fsdp and not is_distributed():
         raise UserError("--fsdp shards the model across processes: run train.py under torchrun "
                         "(torchrun --nproc_per_node N train.py --fsdp ...)")

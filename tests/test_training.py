@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import VALIDATION_SAMPLE, assert_one_line_error, crash_then_resume, run_script
+from conftest import VALIDATION_SAMPLE, assert_one_line_error, crash_then_resume, run_in_parallel, run_script
 from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
@@ -255,3 +255,23 @@ def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir)
     weighted = (2 * scores["HasAns_f1"] + scores["NoAns_f1"]) / 3
     assert scores["f1"] == pytest.approx(weighted)
     assert json.loads((output / "best" / "run_config.json").read_text())["allow_null"] is True
+
+
+def test_compiled_lora_run_resumes_and_ends_like_an_eager_one(tiny_model_dir, tmp_path):
+    """--compile keeps the parameter names: a compiled LoRA run saves, resumes, and ends where an
+    eager run ends (up to the rounding of fused kernels)."""
+    def flags(name, steps, *extra):
+        return [*tiny_args(tiny_model_dir, tmp_path / name), "--lora", "--max-steps", str(steps), "--save-steps", "2",
+                "--no-eval-before-training", *extra]
+
+    first = run_in_parallel({"eager": ("train.py", flags("eager", 4)),
+                             "compiled": ("train.py", flags("compiled", 2, "--compile"))})
+    assert all(result.returncode == 0 for result in first.values()), first["compiled"].stderr[-2000:]
+    resumed = run_script("train.py", *flags("compiled", 4, "--compile", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    eager = load_file(str(tmp_path / "eager" / "latest" / "adapter_model.safetensors"))
+    compiled = load_file(str(tmp_path / "compiled" / "latest" / "adapter_model.safetensors"))
+    assert eager.keys() == compiled.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
