@@ -39,7 +39,8 @@ from engine.distributed import (any_rank, another_process_failed, clip_grad_norm
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
 from models.backbones import count_parameters, load_model, resolve_model
-from models.transfer import FREEZABLE, add_lora, freeze, is_lora, load_trained_model, transformer_blocks
+from models.transfer import (FREEZABLE, add_lora, enable_activation_checkpointing, freeze, is_lora, load_trained_model,
+                             transformer_blocks)
 from qa.task import QATask
 
 log = logging.getLogger("train")
@@ -308,8 +309,7 @@ def build_model(args, base_model: str, resume_from: Path | None, settings: dict)
     else:
         model = load_model(base_model, settings["model_kind"], args.attention_dropout)
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and settings["model_kind"] == "causal-lm"):
-        # Non-reentrant checkpointing also works when the inputs' embeddings are frozen (LoRA, --freeze).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if args.freeze or args.train_last_layers:
         freeze(model, args.freeze, args.train_last_layers)
     if args.lora and not is_lora(model):

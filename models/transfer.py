@@ -38,6 +38,17 @@ def transformer_blocks(model) -> list[torch.nn.Module]:
     return [block for stack in stacks(model).values() for block in blocks(stack)]
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass. Non-reentrant checkpointing also
+    works when the inputs' embeddings are frozen (LoRA, --freeze). transformers 5.23 renamed the
+    method; the old name, all that earlier 5.x releases have, now warns."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
 def embedding_parameters(model) -> list[torch.nn.Parameter]:
     """Token (and position, type) embeddings outside the blocks, with the norm BERT applies to them.
 
@@ -98,9 +109,14 @@ def add_lora(model, kind: str, r: int, alpha: float, dropout: float, targets: st
     """
     from peft import LoraConfig, get_peft_model
 
+    # "all-linear" spares only an LM head: a span head (trained whole, as peft's modules_to_save) must
+    # be left out of the adapted layers too, or peft refuses to wrap it twice.
+    inside_stacks = {id(m) for stack in stacks(model).values() for m in stack.modules()}
+    head_layers = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) not in inside_stacks]
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, task_type=LORA_TASK_TYPES[kind],
         target_modules=targets.split(",") if targets else "all-linear",
+        exclude_modules=None if targets else head_layers or None,
     )
     try:
         return get_peft_model(model, config)

@@ -16,14 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from bench.torchrun_scaling import children
-from conftest import GENERATIVE_RUN_FLAGS, ROOT, SAMPLES, write_text
+from conftest import GENERATIVE_RUN_FLAGS, ROOT, SAMPLES, ZERO_GRADIENT_TENSORS, write_text
 from data.batching import length_sorted_pieces, split_across_ranks, step_plan
-
-# The span head's bias and the norm bias just before it get a gradient that is exactly 0 in theory
-# (a span loss does not change when every logit moves by the same amount), so only float round-off
-# drives them, and AdamW's first steps blow any round-off up to a full learning-rate step.
-ZERO_GRADIENT_TENSORS = {"qa_outputs.bias", "bert.encoder.layer.1.output.LayerNorm.bias"}
-
 
 def single_thread_env() -> dict:
     # The same thread count in every process: the one-process runs then compute each evaluation

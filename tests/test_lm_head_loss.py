@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import models.lm_head_loss
 from clm.language_model import next_token_loss
 from models.backbones import load_model
-from models.transfer import add_lora
+from models.transfer import add_lora, enable_activation_checkpointing
 
 
 def tiny_llama(directory, tied: bool):
@@ -49,7 +49,7 @@ def test_chunked_loss_equals_full_logits_cross_entropy(tiny_llama_dir, monkeypat
     monkeypatch.setattr(models.lm_head_loss, "CHUNK_POSITIONS", 5)  # 19 targets: four chunks, the last partial
     model = tiny_llama(tiny_llama_dir, tied)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if lora:
         model = add_lora(model, "causal-lm", r=4, alpha=8, dropout=0.0, targets=None)
     model.train()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import VALIDATION_SAMPLE, assert_one_line_error, crash_then_resume, run_in_parallel, run_script
+from conftest import VALIDATION_SAMPLE, ZERO_GRADIENT_TENSORS, assert_one_line_error, crash_then_resume, run_script
 from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
@@ -257,21 +257,21 @@ def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir)
     assert json.loads((output / "best" / "run_config.json").read_text())["allow_null"] is True
 
 
-def test_compiled_lora_run_resumes_and_ends_like_an_eager_one(tiny_model_dir, tmp_path):
-    """--compile keeps the parameter names: a compiled LoRA run saves, resumes, and ends where an
-    eager run ends (up to the rounding of fused kernels)."""
-    def flags(name, steps, *extra):
-        return [*tiny_args(tiny_model_dir, tmp_path / name), "--lora", "--max-steps", str(steps), "--save-steps", "2",
-                "--no-eval-before-training", *extra]
+def test_compiled_lora_run_resumes_and_ends_like_an_eager_one(tiny_model_dir_no_dropout, tmp_path, monkeypatch):
+    """--compile keeps the parameter names: a compiled LoRA run saves, resumes after a crash, and
+    ends where an eager run ends (up to the rounding of fused kernels; without dropout, whose
+    compiled random masks differ from eager ones)."""
+    def flags(name, *extra):
+        return [*tiny_args(tiny_model_dir_no_dropout, tmp_path / name), "--lora", "--lora-dropout", "0",
+                "--max-steps", "4", "--save-steps", "2", "--no-eval-before-training", *extra]
 
-    first = run_in_parallel({"eager": ("train.py", flags("eager", 4)),
-                             "compiled": ("train.py", flags("compiled", 2, "--compile"))})
-    assert all(result.returncode == 0 for result in first.values()), first["compiled"].stderr[-2000:]
-    resumed = run_script("train.py", *flags("compiled", 4, "--compile", "--resume"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stderr
+    eager = run_script("train.py", *flags("eager"))
+    assert eager.returncode == 0, eager.stderr[-2000:]
+    saved_step, resumed_calls = crash_then_resume(monkeypatch, flags("compiled", "--compile"), crash_on_call=4)
+    assert (saved_step, resumed_calls) == (2, 2)
     eager = load_file(str(tmp_path / "eager" / "latest" / "adapter_model.safetensors"))
     compiled = load_file(str(tmp_path / "compiled" / "latest" / "adapter_model.safetensors"))
     assert eager.keys() == compiled.keys()
     for name in eager:
-        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
+        if not any(name.endswith(tensor) for tensor in ZERO_GRADIENT_TENSORS):
+            torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
