@@ -44,9 +44,11 @@ def test_context_file(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["answer"] and CONTEXT[record["start"] : record["end"]] == record["answer"]
-    # Same answer as with --context (same text apart from the final newline).
-    inline = run_script("predict.py", "--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, "--json", *FLAGS)
-    assert json.loads(inline.stdout)["answer"] == record["answer"]
+    # Same answer as with --context (same text apart from the final newline), given the run's output
+    # directory instead of its best/ checkpoint.
+    inline = run_script("predict.py", "--checkpoint", checkpoint.parent, "--context", CONTEXT, "--question", QUESTION,
+                        "--json", *FLAGS)
+    assert json.loads(inline.stdout) == record
 
 
 def test_input_jsonl_without_answers_to_output_file(checkpoint, tmp_path):

@@ -275,3 +275,25 @@ def test_compiled_lora_run_resumes_and_ends_like_an_eager_one(tiny_model_dir_no_
     for name in eager:
         if not any(name.endswith(tensor) for tensor in ZERO_GRADIENT_TENSORS):
             torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_evaluation_before_training_is_skipped_only_for_a_fresh_span_head(tiny_model_dir, tmp_path):
+    """A backbone without a span head gets a random one: evaluating it first would measure nothing.
+    A checkpoint with a trained head is evaluated first by default; the flag overrides both."""
+    from transformers import BertForQuestionAnswering
+
+    backbone = tmp_path / "backbone"
+    BertForQuestionAnswering.from_pretrained(tiny_model_dir).bert.save_pretrained(backbone)
+    for name in TOKENIZER_FILES:
+        (backbone / name).write_bytes((tiny_model_dir / name).read_bytes())
+
+    def initial_eval(model_dir, name, *flags):
+        train.main([*tiny_args(model_dir, tmp_path / name), "--max-steps", "1", *flags])
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert (tmp_path / name / "predictions_before_training.json").exists() == (results["initial_eval"] is not None)
+        return results["initial_eval"]
+
+    assert initial_eval(backbone, "fresh") is None
+    assert initial_eval(backbone, "fresh-asked", "--eval-before-training")["total"] == 10
+    assert initial_eval(tiny_model_dir, "trained")["total"] == 10
+    assert initial_eval(tiny_model_dir, "trained-declined", "--no-eval-before-training") is None
