@@ -211,6 +211,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-train-samples and --max-eval-samples count questions (--task qa); for clm, shorten the text files")
     if args.merge_lora and not args.lora:
         p.error("--merge-lora needs --lora")
+    if args.compile and args.fsdp:
+        p.error("--compile with --fsdp is not supported: use one or the other")
     args.model = args.model or DEFAULT_MODELS["generative" if args.task == "clm" else args.qa_style or "extractive"]
     args.output_dir = args.output_dir or f"outputs/{args.task}"
     for name, value in TASKS[args.task].DEFAULTS.items():
@@ -550,8 +552,6 @@ def export_merged(run, args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = init_processes(args.device)  # under torchrun; plain `python train.py` has no process group
-    if args.compile and args.fsdp:
-        raise UserError("--compile with --fsdp is not supported: use one or the other")
     if args.fsdp and not is_distributed():
         raise UserError("--fsdp shards the model across processes: run train.py under torchrun "
                         "(torchrun --nproc_per_node N train.py --fsdp ...)")

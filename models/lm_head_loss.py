@@ -40,26 +40,19 @@ def lm_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     labels, reduction="sum")`, in value and gradients, to float rounding."""
     head = output_head(model)
     keep = labels != -100
-    hidden, targets = hidden[keep], labels[keep]
-    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-        return ChunkedHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(targets), CHUNK_POSITIONS):
-        chunk = slice(start, start + CHUNK_POSITIONS)
-        logits = F.linear(hidden[chunk], head.weight, head.bias).float()
-        total = total + F.cross_entropy(logits, targets[chunk], reduction="sum")
-    return total
+    return ChunkedHeadCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], torch.is_grad_enabled())
 
 
 class ChunkedHeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T + bias` against `targets`, with the gradients of
-    every input computed chunk by chunk in the forward pass. Runs under the caller's autocast, so
-    the head's matrix products use the same precision as they would in the model."""
+    """Summed cross-entropy of `hidden @ weight.T + bias` against `targets`. With `gradients` (grad
+    mode was on; forward itself always runs without it), the gradients of every input that requires
+    one are computed chunk by chunk in the forward pass. Runs under the caller's autocast, so the
+    head's matrix products use the same precision as they would in the model."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        want_hidden, want_weight = hidden.requires_grad, weight.requires_grad
-        want_bias = bias is not None and bias.requires_grad
+    def forward(ctx, hidden, weight, bias, targets, gradients: bool):
+        want_hidden, want_weight = gradients and hidden.requires_grad, gradients and weight.requires_grad
+        want_bias = gradients and bias is not None and bias.requires_grad
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
@@ -70,6 +63,8 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
             logits = F.linear(rows, weight, bias).float()
             log_norm = torch.logsumexp(logits, dim=-1)
             total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            if not (want_hidden or want_weight or want_bias):
+                continue
             # d(loss)/d(logits) = softmax - one-hot, built in place in the logits' buffer
             grad_logits = logits.sub_(log_norm[:, None]).exp_()
             grad_logits[torch.arange(len(chunk_targets)), chunk_targets] -= 1
@@ -91,4 +86,4 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         return (None if grad_hidden is None else grad_hidden.to(hidden_dtype),
                 None if grad_weight is None else grad_weight.to(weight_dtype),
-                None if grad_bias is None else grad_bias.to(weight_dtype), None)
+                None if grad_bias is None else grad_bias.to(weight_dtype), None, None)
