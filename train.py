@@ -10,7 +10,9 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
+import contextlib
 import json
+import math
 import logging
 import random
 import resource
@@ -29,8 +31,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from clm.task import CLMTask
 from data.batching import TrainBatches, step_plan
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
-from engine.checkpoint import (find_checkpoint, load_run_config, load_training_state, restore_rng_state, rng_state,
-                               save_checkpoint)
+from engine.checkpoint import (atomic_write_text, find_checkpoint, load_run_config, load_training_state,
+                               output_directory_lock, restore_rng_state, rng_state, save_checkpoint, verified_checkpoint)
 from engine.device import autocast, pick_precision
 from engine.distributed import (any_rank, another_process_failed, clip_grad_norm, close_processes, first_to_fail,
                                 from_main, full_model_state, gather_to_main, gradient_sync, held_state_mb,
@@ -54,6 +56,7 @@ TRAJECTORY_ARGS = ("model", "train_file", "dataset", "max_train_samples", "globa
                    "freeze", "train_last_layers", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "task",
                    "block_size", "drop_last", "line_by_line", "text_field", "validation_split", "validation_file",
                    "dataset_config", "fsdp")
+RESULTS = "results.json"
 DEFAULT_MODELS = {"extractive": "minilm-l6", "generative": "smollm2-135m"}
 TASKS = {"qa": QATask, "clm": CLMTask}
 
@@ -166,6 +169,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (never on biases and norms)")
     opt.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming the learning rate up")
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping threshold")
+    opt.add_argument("--max-bad-steps", type=int, default=5,
+                     help="a step whose loss or gradients are not finite is skipped (no update); stop after this many "
+                          "in a row")
     opt.add_argument("--attention-dropout", type=float, default=0.0,
                      help="dropout on attention probabilities, replacing the model's (0 lets attention run as one fused kernel, ~1.8x faster training on CPU)")
     opt.add_argument("--seed", type=int, default=42, help="seed for initialisation, dropout and data order")
@@ -201,7 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "max_seq_length", "n_best",
                  "max_answer_length", "save_steps", "log_steps", "max_steps", "eval_steps", "max_train_samples",
-                 "max_eval_samples", "max_answer_tokens", "num_beams", "train_last_layers", "lora_r", "block_size"):
+                 "max_eval_samples", "max_answer_tokens", "num_beams", "train_last_layers", "lora_r", "block_size", "max_bad_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -235,6 +241,9 @@ class TrainingState:
     tokens_seen: int = 0  # real tokens, padding excluded
     padded_tokens_seen: int = 0
     initial_scores: dict | None = None  # validation scores before training: the pretrained (zero-shot) baseline
+    last_scores: dict | None = None  # of the latest evaluation
+    skipped_steps: int = 0  # steps whose loss or gradients were not finite: their update was skipped
+    bad_steps_in_a_row: int = 0
 
 
 def setup(args, device: torch.device):
@@ -247,13 +256,16 @@ def setup(args, device: torch.device):
         raise UserError("--fsdp with --precision fp16 is not supported (its loss scaling would need the sharded "
                         "gradients' overflow checks): use bf16")
     output_dir = Path(args.output_dir)
-    resume_from = None
+    resume_from = saved = None
     if args.resume:
         resume_from = find_checkpoint(output_dir if args.resume == "latest" else Path(args.resume), "latest")
 
     base_model = resolve_model(args.model)
-    task = TASKS[args.task](args, base_model, resume_from)
-    model = build_model(args, base_model, resume_from, task.settings).to(device)
+    with verified_checkpoint(resume_from, args.task) if resume_from else contextlib.nullcontext():
+        task = TASKS[args.task](args, base_model, resume_from)
+        model = build_model(args, base_model, resume_from, task.settings).to(device)
+        if resume_from:
+            saved = load_training_state(resume_from)
     if args.compile:
         model.compile(dynamic=True)  # in place: parameter names, and so checkpoints, stay as they are
     trainable, total = count_parameters(model)
@@ -276,7 +288,6 @@ def setup(args, device: torch.device):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = TrainingState()
     if resume_from:
-        saved = load_training_state(resume_from)
         changed = [_setting(k, saved["args"].get(k), getattr(args, k)) for k in TRAJECTORY_ARGS
                    if saved["args"].get(k) != _plain(getattr(args, k))]
         if changed:
@@ -339,11 +350,16 @@ def plain_args(args) -> dict:
 STAND_IN = "stand_in"
 
 
-def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, float]:
+def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, float, bool]:
     """One optimizer step over this process's micro-batches (its share of the step's batch, in
     length-sorted pieces). The summed loss is normalised by the targets (windows, or answer tokens)
     of the whole step on all processes, so every target weighs the same however the step was cut
-    up and shared. Gradients are synchronised once, in the last backward pass."""
+    up and shared. Gradients are synchronised once, in the last backward pass.
+
+    Returns the loss, the gradient norm, and whether the weights were updated: not when the loss or
+    the gradients are not finite (one NaN through AdamW would poison every weight). With fp16 that
+    is also the grad scaler's overflow check (its unscaled gradients are then inf), and the scaler
+    lowers its scale as it would have."""
     run.model.train()
     count = int(sum_over_ranks([sum(run.task.count_targets(b) for b in micro_batches if STAND_IN not in b)])[0])
     processes = world_size()  # DDP and FSDP average gradients over the processes: undo that
@@ -359,11 +375,13 @@ def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[fl
     total_loss = sum_over_ranks([total_loss])[0]
     run.scaler.unscale_(run.optimizer)
     grad_norm = clip_grad_norm(run.model, max_grad_norm)
-    run.scaler.step(run.optimizer)
+    updated = math.isfinite(total_loss) and math.isfinite(grad_norm)  # the same on every process: both are global
+    if updated:
+        run.scaler.step(run.optimizer)
+        run.scheduler.step()
     run.scaler.update()
-    run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total_loss / count, grad_norm
+    return total_loss / count, grad_norm, updated
 
 
 def evaluate(run, args) -> dict:
@@ -399,7 +417,7 @@ def save(run, args, name: str, with_training_state: bool, scores: dict | None = 
 def evaluate_and_save(run, args, writer: SummaryWriter) -> dict:
     scores = evaluate(run, args)
     state = run.state
-    state.last_eval_step = state.step
+    state.last_eval_step, state.last_scores = state.step, scores
     task = run.task
     for key in task.SCALARS:
         if key in scores:
@@ -458,7 +476,23 @@ def micro_batches_of_step(run, batch: list[int], micro_batch_size: int) -> tuple
     return micro_batches, padded
 
 
-def train(run, args) -> dict | None:
+def skipped_step(run, args, writer, loss: float, grad_norm: float) -> None:
+    """Count a step whose update was skipped; too many in a row stop the run, saving nothing new."""
+    state = run.state
+    state.skipped_steps += 1
+    state.bad_steps_in_a_row += 1
+    writer.add_scalar("train/skipped_steps", state.skipped_steps, state.step)
+    log.warning("step %d: loss %.4g, gradient norm %.4g: update skipped (%d in a row, %d in all)", state.step, loss,
+                grad_norm, state.bad_steps_in_a_row, state.skipped_steps)
+    if state.bad_steps_in_a_row >= args.max_bad_steps:
+        writer.close()
+        raise UserError(f"step {state.step}: {state.bad_steps_in_a_row} steps in a row had a non-finite loss or "
+                        f"gradients (loss {loss:.4g}, gradient norm {grad_norm:.4g}); stopped without saving them ("
+                        f"{run.output_dir}/latest holds the last good checkpoint): lower --learning-rate, or train in "
+                        f"another --precision (this run: {run.precision}; fp16 overflows most easily)")
+
+
+def train(run, args) -> None:
     state = run.state
     writer = SummaryWriter(run.output_dir / "tensorboard") if is_main() else NoWriter()
     trainable, total = run.parameters
@@ -469,9 +503,8 @@ def train(run, args) -> dict | None:
                disable=not is_main())
     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
     lengths = run.task.train_set.lengths
-    scores = None
     if state.step == 0 and state.initial_scores is None and run.eval_before_training:
-        state.initial_scores = scores = evaluate_and_save(run, args, writer)
+        state.initial_scores = evaluate_and_save(run, args, writer)
     with StopRequest() as stop:
         while state.step < run.total_steps:
             epoch_batches = run.batches.for_epoch(state.epoch)
@@ -479,9 +512,13 @@ def train(run, args) -> dict | None:
                 batch = epoch_batches[state.batches_done]
                 micro_batches, padded_tokens = micro_batches_of_step(run, batch, args.batch_size)
                 started = time.perf_counter()
-                loss, grad_norm = train_step(run, micro_batches, args.max_grad_norm)
+                loss, grad_norm, updated = train_step(run, micro_batches, args.max_grad_norm)
                 state.train_seconds += time.perf_counter() - started
                 state.step += 1
+                if updated:
+                    state.bad_steps_in_a_row = 0
+                else:
+                    skipped_step(run, args, writer, loss, grad_norm)
                 state.batches_done += 1
                 tokens = int(sum(lengths[i] for i in batch))
                 window_windows, window_tokens = window_windows + len(batch), window_tokens + tokens
@@ -492,14 +529,14 @@ def train(run, args) -> dict | None:
                 if state.step % args.log_steps == 0 or state.step == run.total_steps:
                     seconds = time.perf_counter() - window_start
                     lr = run.scheduler.get_last_lr()[0]
-                    for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
+                    for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm), ("skipped_steps", state.skipped_steps),
                                         ("windows_per_s", window_windows / seconds), ("tokens_per_s", window_tokens / seconds)):
                         writer.add_scalar(f"train/{name}", value, state.step)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", win_s=f"{window_windows / seconds:.1f}")
                     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
                 bar.update(1)
                 if args.eval_steps and state.step % args.eval_steps == 0:
-                    scores = evaluate_and_save(run, args, writer)
+                    evaluate_and_save(run, args, writer)
                 elif state.step % args.save_steps == 0 or stopping:
                     save(run, args, "latest", with_training_state=True)
                 if stopping:
@@ -509,12 +546,11 @@ def train(run, args) -> dict | None:
             if state.batches_done >= len(epoch_batches):
                 state.epoch += 1
                 state.batches_done = 0
-                scores = evaluate_and_save(run, args, writer)
+                evaluate_and_save(run, args, writer)
     if state.last_eval_step != state.step:
-        scores = evaluate_and_save(run, args, writer)
+        evaluate_and_save(run, args, writer)
     bar.close()
     writer.close()
-    return scores
 
 
 def write_results(run, args, scores: dict, state_mb: list[float]) -> None:
@@ -522,7 +558,7 @@ def write_results(run, args, scores: dict, state_mb: list[float]) -> None:
     state = run.state
     results = {
         "eval": scores, "initial_eval": state.initial_scores, f"best_{run.task.metric}": state.best_score,
-        "steps": state.step, "global_batch": args.global_batch, "processes": world_size(), "fsdp": args.fsdp,
+        "steps": state.step, "skipped_steps": state.skipped_steps, "global_batch": args.global_batch, "processes": world_size(), "fsdp": args.fsdp,
         "device": str(run.device),
         "precision": run.precision, "train_seconds": state.train_seconds, "train_windows": state.windows_seen,
         "train_windows_per_s": state.windows_seen / max(state.train_seconds, 1e-9),
@@ -538,7 +574,7 @@ def write_results(run, args, scores: dict, state_mb: list[float]) -> None:
             results[f"eval_{name}_per_s"] = scores[count] / scores["seconds"]
     if run.device.type == "cuda":
         results["peak_cuda_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
-    (run.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(run.output_dir / RESULTS, json.dumps(results, indent=2))
 
 
 def export_merged(run, args) -> None:
@@ -562,11 +598,19 @@ def main(argv=None) -> None:
     transformers.logging.set_verbosity_error()  # our own log says what matters (e.g. a fresh head)
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries: our error line says it once
-    with logging_redirect_tqdm():
+    output_dir = Path(args.output_dir)
+    with logging_redirect_tqdm(), output_directory_lock(output_dir) if is_main() else contextlib.nullcontext():
         run = setup(args, device)
-        scores = train(run, args)
-    if scores is None:
-        raise UserError(f"nothing to do: the run in {args.output_dir} already finished {run.total_steps} steps")
+        # A run killed after its last checkpoint but before results.json is finished by --resume.
+        if run.state.step >= run.total_steps and (output_dir / RESULTS).is_file():
+            raise UserError(f"nothing to do: the run in {output_dir} already finished {run.total_steps} steps")
+        train(run, args)
+        finish(run, args)
+
+
+def finish(run, args) -> None:
+    """results.json (and the merged LoRA model); then the processes leave together."""
+    scores = run.state.last_scores
     state_mb = gather_to_main(held_state_mb(run.model, run.optimizer))
     main_process = is_main()
     if main_process:

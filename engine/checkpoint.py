@@ -1,25 +1,36 @@
 """Checkpoints: a standard Hugging Face model directory plus a separate training-state file.
 
 The model directory (safetensors weights, config, tokenizer) loads with `from_pretrained`; for a
-LoRA run it holds the adapter in PEFT format (adapter_config.json, adapter_model.safetensors). `training_state.pt` holds everything else a resumed run needs. It holds
-only tensors and plain Python values, so it loads with `weights_only=True` (no arbitrary pickle).
+LoRA run it holds the adapter in PEFT format (adapter_config.json, adapter_model.safetensors).
+`training_state.pt` holds everything else a resumed run needs. It holds only tensors and plain
+Python values, so it loads with `weights_only=True` (no arbitrary pickle).
 
 A save writes a temporary directory and renames it into place: if the process dies mid-save, the
 previous checkpoint is intact (at worst under the name `<dir>.old`, which `find_checkpoint` uses).
+`manifest.json`, written last, lists every file with its size and sha256: loading checks it, so a
+truncated, altered or missing file is named in one line instead of failing somewhere in a loader.
 """
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from engine.errors import UserError
 
 TRAINING_STATE = "training_state.pt"
 RUN_CONFIG = "run_config.json"  # the task settings that inference must reuse (window size, ...)
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1  # of the checkpoint layout; raised when a change would make older code misread it
+LOCK_FILE = ".lock"
 
 
 def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, training_state: dict | None = None,
@@ -27,18 +38,136 @@ def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, trainin
     """`state_dict`: the weights to write when the model's own are sharded across processes."""
     directory = Path(directory)
     temporary = directory.with_name(f"{directory.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, state_dict=state_dict)
-    tokenizer.save_pretrained(temporary)
-    (temporary / RUN_CONFIG).write_text(json.dumps(run_config, indent=2))
-    if training_state is not None:
-        torch.save(training_state, temporary / TRAINING_STATE)
-    previous = directory.with_name(f"{directory.name}.old")
-    if directory.exists():
+    try:
+        shutil.rmtree(temporary, ignore_errors=True)
+        model.save_pretrained(temporary, state_dict=state_dict)
+        tokenizer.save_pretrained(temporary)
+        (temporary / RUN_CONFIG).write_text(json.dumps(run_config, indent=2))
+        if training_state is not None:
+            torch.save(training_state, temporary / TRAINING_STATE)
+        write_manifest(temporary, run_config)
+        previous = directory.with_name(f"{directory.name}.old")
+        if directory.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(directory, previous)
+        os.replace(temporary, directory)
         shutil.rmtree(previous, ignore_errors=True)
-        os.replace(directory, previous)
-    os.replace(temporary, directory)
-    shutil.rmtree(previous, ignore_errors=True)
+    # A full disk surfaces as OSError from Python's own writes, but as RuntimeError from torch.save
+    # and SafetensorError from safetensors.
+    except (OSError, RuntimeError, SafetensorError) as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        free = shutil.disk_usage(directory.parent).free / 2**20 if directory.parent.exists() else 0
+        raise UserError(f"{directory}: cannot save the checkpoint ({reason}; {free:.0f} MB free there); the "
+                        f"previous {directory.name}/ is kept") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a run killed mid-write leaves the previous version."""
+    temporary = path.with_name(f"{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: Path, run_config: dict) -> None:
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    manifest = {"format": FORMAT_VERSION, "task": run_config.get("task"), "model_kind": run_config.get("model_kind"),
+                "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _read_manifest(directory: Path, task: str | None) -> dict | None:
+    """The manifest, after the checks that need no hashing: format, task, each file's presence and size."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        if (directory / RUN_CONFIG).is_file():  # written by train.py, which writes the manifest last
+            raise UserError(f"{directory}: incomplete checkpoint (no {MANIFEST}): its save was interrupted, or it was "
+                            "written by a version of train.py without manifests")
+        return None  # a model directory from elsewhere: nothing to check it against
+    try:
+        manifest = json.loads(path.read_text())
+        files, version = manifest["files"], manifest["format"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: unreadable manifest ({type(error).__name__}: {error})") from None
+    if version != FORMAT_VERSION:
+        raise UserError(f"{directory}: checkpoint format {version}, but this version of the code reads format "
+                        f"{FORMAT_VERSION}")
+    if task is not None and manifest.get("task") != task:
+        raise UserError(f"{directory}: a checkpoint of a --task {manifest.get('task')} run, not --task {task}")
+    for name, expected in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise UserError(f"{file}: missing from the checkpoint (listed in its {MANIFEST})")
+        if file.stat().st_size != expected["bytes"]:
+            raise UserError(f"{file}: {file.stat().st_size} bytes, but the checkpoint's {MANIFEST} says "
+                            f"{expected['bytes']}: the file is truncated or was replaced")
+    return manifest
+
+
+@contextlib.contextmanager
+def verified_checkpoint(directory: Path, task: str | None = None):
+    """Check a checkpoint against its manifest while the body loads it.
+
+    The cheap checks (format, task, sizes) run first; the sha256 of every file runs in a thread
+    alongside the loading (hashing releases the GIL), so it costs about nothing on two or more
+    cores. A failure inside the body is replaced by the damaged file's name when a hash differs.
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory, task)
+    if manifest is None:
+        yield
+        return
+    with ThreadPoolExecutor(1) as pool:
+        digests = pool.submit(lambda: {name: file_sha256(directory / name) for name in manifest["files"]})
+        try:
+            yield
+        except Exception:
+            _compare_digests(directory, manifest, digests.result())
+            raise
+        _compare_digests(directory, manifest, digests.result())
+
+
+def _compare_digests(directory: Path, manifest: dict, digests: dict) -> None:
+    for name, expected in manifest["files"].items():
+        if digests[name] != expected["sha256"]:
+            raise UserError(f"{directory / name}: its content differs from the checkpoint's {MANIFEST} (sha256): the "
+                            "file was altered or damaged")
+
+
+@contextlib.contextmanager
+def output_directory_lock(directory: Path):
+    """Hold OUTPUT_DIR/.lock for the whole run, so that a second run there stops at once instead of
+    overwriting the first one's checkpoints. The kernel releases the lock when its process dies,
+    however it dies, so a killed run never leaves it stuck. POSIX file locks (fcntl)."""
+    import fcntl
+
+    path = Path(directory) / LOCK_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a+")
+    except OSError as error:
+        raise UserError(f"{directory}: cannot write to the output directory ({error.strerror or error})") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            lock.seek(0)
+            owner = lock.read().strip() or "unknown"
+            raise UserError(f"{directory}: another training run (process {owner}) is using this output directory; "
+                            "wait for it to finish or give another --output-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
 
 
 def find_checkpoint(directory: Path, in_run_directory: str) -> Path:

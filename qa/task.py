@@ -12,6 +12,7 @@ from pathlib import Path
 from data import SAMPLES
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from data.squad import SquadExamples
+from engine.checkpoint import atomic_write_text
 from engine.errors import UserError
 from models.backbones import load_config, load_tokenizer
 from qa.metrics import squad_scores
@@ -64,7 +65,7 @@ class QATask:
         answers = {qid: p.text for qid, p in predictions.items()}
         scores = squad_scores(answers, self.eval_examples.examples)
         scores["seconds"], scores["windows"] = time.perf_counter() - started, len(self.eval_set)
-        predictions_file.write_text(json.dumps(answers, indent=1, ensure_ascii=False))
+        atomic_write_text(predictions_file, json.dumps(answers, indent=1, ensure_ascii=False))
         return scores
 
     @staticmethod

@@ -124,8 +124,52 @@ def run_in_parallel(calls: dict) -> dict:
 def one_step_generative_runs(output_dir: Path, cases: dict) -> dict:
     """{name: extra train.py args} -> {name: CompletedProcess} of one-step generative runs on the
     samples, in parallel: for settings that must fail with one error line before any training."""
-    common = ["--output-dir", output_dir, "--max-steps", "1", *GENERATIVE_RUN_FLAGS]
-    return run_in_parallel({name: ("train.py", [*common, *args]) for name, args in cases.items()})
+    common = ["--max-steps", "1", *GENERATIVE_RUN_FLAGS]
+    # one output directory each: a second run in one is refused
+    return run_in_parallel({name: ("train.py", [*common, "--output-dir", output_dir / name, *args])
+                            for name, args in cases.items()})
+
+
+def tiny_args(model_dir, output_dir, *extra) -> list[str]:
+    """train.py arguments for 8 quick steps of a tiny model on the shipped sample, on CPU in fp32."""
+    return [
+        "--model", str(model_dir), "--output-dir", str(output_dir), "--precision", "fp32", "--device", "cpu",
+        "--max-train-samples", "40", "--max-eval-samples", "10", "--batch-size", "4", "--grad-accum-steps", "2",
+        "--max-steps", "8", "--save-steps", "3", "--log-steps", "2", *extra,
+    ]
+
+
+def weights(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def training_state(directory: Path) -> dict:
+    import torch
+
+    return torch.load(directory / "training_state.pt", weights_only=True)
+
+
+def tiny_run(model_dir, seed=0, kind="span", qa=None):
+    """What train_step needs. Plain SGD, so that the updated weights are the (clipped) gradients:
+    Adam's first step, g / (|g| + eps), would blow float round-off in gradients that are ~0 (e.g. the
+    span head's bias, whose gradient is exactly 0 in theory) up to a full learning-rate step."""
+    import argparse
+
+    import torch
+
+    from engine.optim import linear_warmup_decay
+    from models.backbones import load_model
+    from qa.extractive import ExtractiveQA
+
+    torch.manual_seed(seed)
+    model = load_model(str(model_dir), kind)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return argparse.Namespace(
+        model=model, task=qa or ExtractiveQA(None, {}), device=torch.device("cpu"), precision="fp32", optimizer=optimizer,
+        scheduler=linear_warmup_decay(optimizer, 0, 10), scaler=torch.amp.GradScaler("cpu", enabled=False),
+    )
 
 
 # The span head's bias and the norm bias just before it get a gradient that is exactly 0 in theory

@@ -87,10 +87,11 @@ def bad_runs(tmp_path_factory, tiny_model_dir):
     """All cases, run two at a time (each is a fresh Python process)."""
     d = tmp_path_factory.mktemp("bad-input")
     cases = write_bad_files(d)
-    common = ["--model", tiny_model_dir, "--output-dir", d / "out", "--max-steps", "1", "--precision", "fp32",
-              "--device", "cpu", "--eval-batch-size", "8"]
-    with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(run_script, "train.py", *common, *args) for name, (args, _) in cases.items()}
+    common = ["--model", tiny_model_dir, "--max-steps", "1", "--precision", "fp32", "--device", "cpu",
+              "--eval-batch-size", "8"]
+    with ThreadPoolExecutor(2) as pool:  # one output directory each: a second run in one is refused
+        futures = {name: pool.submit(run_script, "train.py", *common, "--output-dir", d / "out" / name, *args)
+                   for name, (args, _) in cases.items()}
         return {name: (futures[name].result(), cases[name][1]) for name in cases}
 
 

@@ -1,5 +1,4 @@
 """The training loop on a tiny BERT: exact resume, gradient accumulation, checkpoints; one real learning run."""
-import argparse
 import json
 
 import numpy as np
@@ -8,33 +7,17 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import VALIDATION_SAMPLE, ZERO_GRADIENT_TENSORS, assert_one_line_error, crash_then_resume, run_script
+from conftest import (VALIDATION_SAMPLE, ZERO_GRADIENT_TENSORS, assert_one_line_error, crash_then_resume, run_script,
+                      tiny_args, tiny_run, training_state, weights)
 from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
 from engine.errors import UserError
-from engine.optim import linear_warmup_decay
 from models.backbones import load_model
 from qa.extractive import ExtractiveQA
 from qa.metrics import squad_scores
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def tiny_args(model_dir, output_dir, *extra):
-    return [
-        "--model", str(model_dir), "--output-dir", str(output_dir), "--precision", "fp32", "--device", "cpu",
-        "--max-train-samples", "40", "--max-eval-samples", "10", "--batch-size", "4", "--grad-accum-steps", "2",
-        "--max-steps", "8", "--save-steps", "3", "--log-steps", "2", *extra,
-    ]
-
-
-def weights(directory):
-    return load_file(str(directory / "model.safetensors"))
-
-
-def training_state(directory):
-    return torch.load(directory / "training_state.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -160,19 +143,6 @@ def test_resume_of_a_finished_run_has_nothing_to_do(run_a, tiny_model_dir):
         train.main(tiny_args(tiny_model_dir, run_a, "--resume"))
 
 
-def tiny_run(model_dir, seed=0, kind="span", qa=None):
-    """What train_step needs. Plain SGD, so that the updated weights are the (clipped) gradients:
-    Adam's first step, g / (|g| + eps), would blow float round-off in gradients that are ~0 (e.g. the
-    span head's bias, whose gradient is exactly 0 in theory) up to a full learning-rate step."""
-    torch.manual_seed(seed)
-    model = load_model(str(model_dir), kind)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return argparse.Namespace(
-        model=model, task=qa or ExtractiveQA(None, {}), device=torch.device("cpu"), precision="fp32", optimizer=optimizer,
-        scheduler=linear_warmup_decay(optimizer, 0, 10), scaler=torch.amp.GradScaler("cpu", enabled=False),
-    )
-
-
 @pytest.fixture(scope="module")
 def small_windows(tokenizer):
     from conftest import TRAIN_SAMPLE
@@ -186,8 +156,8 @@ def accumulation_matches(model_dir, features, indices, kind="span", qa=None):
     items = [features[i] for i in indices]
     accumulated, whole = tiny_run(model_dir, kind=kind, qa=qa), tiny_run(model_dir, kind=kind, qa=qa)
     # No clipping: it would hide a wrongly scaled gradient.
-    loss_a, norm_a = train.train_step(accumulated, [collate(items[:4]), collate(items[4:])], max_grad_norm=1e9)
-    loss_w, norm_w = train.train_step(whole, [collate(items)], max_grad_norm=1e9)
+    loss_a, norm_a, _ = train.train_step(accumulated, [collate(items[:4]), collate(items[4:])], max_grad_norm=1e9)
+    loss_w, norm_w, _ = train.train_step(whole, [collate(items)], max_grad_norm=1e9)
     assert loss_a == pytest.approx(loss_w, rel=1e-5) and norm_a == pytest.approx(norm_w, rel=1e-5)
     initial = dict(tiny_run(model_dir, kind=kind).model.named_parameters())
     after_a, after_w = dict(accumulated.model.named_parameters()), dict(whole.model.named_parameters())

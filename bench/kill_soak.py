@@ -1,0 +1,186 @@
+"""Soak test: SIGKILL a training run from outside at random moments (some while a checkpoint is being
+written, some during evaluation), resume it each time, until it finishes; then compare its end with
+an uninterrupted run's, bit for bit (CPU, fp32).
+
+    python bench/kill_soak.py --kills 20 --report bench/results/kill_soak.md
+    python bench/kill_soak.py --kills 10 -- --task clm --block-size 128 --max-steps 12 ...
+
+Arguments after `--` replace the default train.py arguments (MiniLM on the shipped QA sample).
+tests/test_reliability.py runs the same driver for a few kills on a tiny model.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_ARGS = ["--max-train-samples", "120", "--max-eval-samples", "30", "--batch-size", "8", "--max-steps", "24",
+                "--save-steps", "4", "--eval-steps", "8", "--eval-batch-size", "4", "--log-steps", "1"]
+FIXED_ARGS = ["--device", "cpu", "--precision", "fp32"]  # bit-equality holds for one device and precision
+MOMENTS = ("at random", "while saving", "while evaluating")
+
+
+class TrainProcess:
+    """`python train.py ...` with its stderr read as it comes (tqdm bars name the phase)."""
+
+    def __init__(self, argv: list[str], output_dir: Path):
+        resuming = any((output_dir / name).is_dir() for name in ("latest", "latest.old"))
+        command = [sys.executable, "train.py", *argv, "--output-dir", str(output_dir), *(["--resume"] if resuming else [])]
+        self.output_dir = output_dir
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.stderr = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        while chunk := os.read(self.process.stderr.fileno(), 65536):
+            self.stderr += chunk
+
+    def phase(self) -> str:
+        """What the process is doing now, from its output directory and its latest progress bar."""
+        if list(self.output_dir.glob("*.tmp")):
+            return "saving"
+        text = self.stderr.decode(errors="replace")
+        last_eval, last_train = text.rfind("evaluate"), text.rfind("train:")
+        if last_eval > last_train:
+            return "evaluating"
+        return "training" if last_train >= 0 else "starting"
+
+    def kill_when(self, moment: str, rng: random.Random, latest_at: float) -> str | None:
+        """SIGKILL at `moment`; the phase it was killed in, or None if the run ended first."""
+        deadline = time.monotonic() + rng.uniform(0, latest_at)
+        while self.process.poll() is None:
+            now = self.phase()
+            if (moment == "at random" and time.monotonic() >= deadline or moment == "while saving" and now == "saving"
+                    or moment == "while evaluating" and now == "evaluating"):
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+                self.reader.join()
+                return now
+            time.sleep(0.001)
+        self.reader.join()
+        return None
+
+    def finish(self) -> None:
+        self.process.wait()
+        self.reader.join()
+        if self.process.returncode != 0:
+            raise RuntimeError(f"train.py failed:\n{self.stderr.decode(errors='replace')[-3000:]}")
+
+
+def run_with_kills(argv: list[str], output_dir: Path, moments: list[str], rng: random.Random, latest_at: float) -> list[str]:
+    """Kill the run at each of `moments` in turn (restarting it with --resume), then let it finish.
+    Returns the phase of each kill; a process that ends before its moment comes ends the soak early."""
+    phases = []
+    while not (output_dir / "results.json").exists():  # written last: a run killed after it has finished
+        process = TrainProcess(argv, output_dir)
+        if len(phases) == len(moments):
+            process.finish()
+            break
+        phase = process.kill_when(moments[len(phases)], rng, latest_at)
+        if phase is None:
+            process.finish()
+            break
+        phases.append(phase)
+    return phases
+
+
+def differences(reference: Path, resumed: Path) -> list[str]:
+    """What differs between two finished runs' final weights, optimizer, step and predictions."""
+    import torch
+    from safetensors.torch import load_file
+
+    found = []
+    for name in ("latest", "best"):
+        for weights in sorted((reference / name).glob("*.safetensors")):
+            a, b = load_file(str(weights)), load_file(str(resumed / name / weights.name))
+            if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
+                found.append(f"{name}/{weights.name}")
+    a, b = (torch.load(run / "latest" / "training_state.pt", weights_only=True) for run in (reference, resumed))
+    if not _equal(a["optimizer"], b["optimizer"]):
+        found.append("optimizer state")
+    for key in ("scheduler", "scaler", "rng"):
+        if not _equal(a[key], b[key]):
+            found.append(key)
+    if _untimed(a["state"]) != _untimed(b["state"]):
+        found.append("training state (step, epoch, scores)")
+    if (reference / "predictions.json").read_text() != (resumed / "predictions.json").read_text():
+        found.append("predictions.json")
+    results = [json.loads((run / "results.json").read_text()) for run in (reference, resumed)]
+    if _untimed(results[0]["eval"]) != _untimed(results[1]["eval"]) or results[0]["steps"] != results[1]["steps"]:
+        found.append("results.json scores")
+    return found
+
+
+def _untimed(value):
+    """Scores and training state without their durations, which no two runs share."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k not in ("seconds", "train_seconds")}
+    return value
+
+
+def _equal(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
+    return a == b
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="draws the kill moments")
+    p.add_argument("--work-dir", default="outputs/kill-soak")
+    p.add_argument("--report", help="write the markdown report here")
+    p.add_argument("train_args", nargs="*", help="after --: train.py arguments (default: MiniLM on the QA sample)")
+    args = p.parse_args()
+    from bench.machine import cpu_description
+
+    train_args = [*(args.train_args or DEFAULT_ARGS), *FIXED_ARGS]
+    work = Path(args.work_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    started = time.perf_counter()
+    TrainProcess(train_args, work / "uninterrupted").finish()
+    uninterrupted_s = time.perf_counter() - started
+    started = time.perf_counter()
+    rng = random.Random(args.seed)
+    moments = [rng.choice(MOMENTS) for _ in range(args.kills)]
+    phases = run_with_kills(train_args, work / "killed", moments, rng, latest_at=uninterrupted_s)
+    killed_s = time.perf_counter() - started
+    found = differences(work / "uninterrupted", work / "killed")
+    counts = {phase: phases.count(phase) for phase in ("starting", "training", "evaluating", "saving")}
+    steps = json.loads((work / "killed" / "results.json").read_text())["steps"]
+    lines = [
+        "# SIGKILL soak", "", f"Machine: {cpu_description()}", "",
+        f"`train.py {' '.join(train_args)}`", "",
+        "| run | wall s | SIGKILLs survived | killed while starting / training / evaluating / saving | steps |",
+        "|---|---|---|---|---|",
+        f"| uninterrupted | {uninterrupted_s:.0f} | - | - | {steps} |",
+        f"| killed and resumed | {killed_s:.0f} | {len(phases)} | {' / '.join(str(counts[k]) for k in counts)} | {steps} |",
+        "",
+        "Final weights (latest/ and best/), optimizer, scheduler and random states, training state, predictions "
+        "and scores: " + ("**bit-identical**." if not found else f"**differ** in {', '.join(found)}."),
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.report:
+        Path(args.report).write_text(report)
+    sys.exit(1 if found else 0)
+
+
+if __name__ == "__main__":
+    main()
