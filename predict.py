@@ -16,7 +16,8 @@ from pathlib import Path
 
 from clm.generation import generate_text, prompt_ids
 from data.squad import SquadExample, SquadExamples
-from engine.checkpoint import find_checkpoint, load_run_config
+from data.text_files import read_text
+from engine.checkpoint import find_checkpoint, load_run_config, verified_checkpoint
 from engine.device import pick_device, pick_precision
 from engine.errors import UserError, run_cli
 from models.backbones import load_tokenizer
@@ -61,47 +62,52 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    # An empty --question or --context is given, not missing: it gets the reader's "empty question" line.
+    given = {name: getattr(args, name) is not None for name in ("question", "context", "context_file", "input")}
     if args.prompt is not None or args.prompt_file:
-        if args.question or args.context or args.context_file or args.input:
+        if any(given.values()):
             p.error("--prompt generates text; it does not combine with the question-answering flags")
         args.checkpoint = args.checkpoint or "outputs/clm"
         return args
     args.checkpoint = args.checkpoint or "outputs/qa"
-    if args.input:
-        if args.question or args.context or args.context_file:
+    if given["input"]:
+        if given["question"] or given["context"] or given["context_file"]:
             p.error("--input replaces --question/--context/--context-file")
-    elif not args.question or not (args.context or args.context_file):
+    elif not given["question"] or not (given["context"] or given["context_file"]):
         p.error("give --question with --context or --context-file, or --input FILE")
     return args
-
-
-def read_text_file(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read ({error})") from None
 
 
 def read_examples(args) -> list[SquadExample]:
     if args.input:
         return SquadExamples.load(args.input, require_answers=False).examples
-    context = read_text_file(args.context_file) if args.context_file else args.context
+    context = read_text(args.context_file) if args.context_file else args.context
     record = {"id": "question", "context": context, "question": args.question}
-    return SquadExamples.from_records([("command line", record)], "command line", require_answers=False).examples
+    where = args.context_file or "command line"
+    return SquadExamples.from_records([(where, record)], where, require_answers=False).examples
 
 
-def generate(args, checkpoint: Path, settings: dict) -> None:
+def load_checkpoint(args, generating: bool):
+    """The settings, tokenizer and model of the checkpoint, checked against its manifest as they load."""
+    checkpoint = find_checkpoint(Path(args.checkpoint), "best")
+    with verified_checkpoint(checkpoint):
+        settings = load_run_config(checkpoint)
+        if generating and settings.get("model_kind") != "causal-lm":
+            raise UserError(f"{checkpoint}: --prompt needs a causal LM checkpoint (train.py --task clm, or generative "
+                            "QA with a decoder-only model)")
+        if not generating and settings.get("task") != "qa":
+            why = f"trained with --task {settings['task']}; generate from it with --prompt" if settings else "no run_config.json"
+            raise UserError(f"{checkpoint}: not a question-answering checkpoint written by train.py ({why})")
+        tokenizer = load_tokenizer(str(checkpoint))
+        if args.chat and not tokenizer.chat_template:
+            raise UserError(f"{checkpoint}: --chat needs a tokenizer with a chat template, and this one has none")
+        model = load_trained_model(checkpoint, settings)
+    return settings, tokenizer, model
+
+
+def generate(args, tokenizer, model, device, precision: str) -> None:
     """--prompt: continue the prompt with a causal LM checkpoint (any train.py checkpoint of one)."""
-    if settings.get("model_kind") != "causal-lm":
-        raise UserError(f"{checkpoint}: --prompt needs a causal LM checkpoint (train.py --task clm, or generative QA "
-                        "with a decoder-only model)")
-    text = read_text_file(args.prompt_file) if args.prompt_file else args.prompt
-    tokenizer = load_tokenizer(str(checkpoint))
-    if args.chat and not tokenizer.chat_template:
-        raise UserError(f"{checkpoint}: --chat needs a tokenizer with a chat template, and this one has none")
-    device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
-    model = load_trained_model(checkpoint, settings).to(device)
+    text = read_text(args.prompt_file) if args.prompt_file else args.prompt
     stream = args.num_return_sequences == 1
     texts = generate_text(model, tokenizer, prompt_ids(tokenizer, text, args.chat), vars(args), device, precision, stream)
     if stream:
@@ -118,23 +124,20 @@ def main(argv=None) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    checkpoint = find_checkpoint(Path(args.checkpoint), "best")
-    settings = load_run_config(checkpoint)
-    if args.prompt is not None or args.prompt_file:
-        generate(args, checkpoint, settings)
+    generating = args.prompt is not None or bool(args.prompt_file)
+    examples = None if generating else read_examples(args)  # the user's input is checked before the slow loading
+    settings, tokenizer, model = load_checkpoint(args, generating)
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    model = model.to(device)
+    if generating:
+        generate(args, tokenizer, model, device, precision)
         return
-    if settings.get("task") != "qa":
-        why = f"trained with --task {settings['task']}; generate from it with --prompt" if settings else "no run_config.json"
-        raise UserError(f"{checkpoint}: not a question-answering checkpoint written by train.py ({why})")
     for name in ("max_answer_tokens", "num_beams"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
-    examples = read_examples(args)
-    device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
-    qa = make_qa(settings, load_tokenizer(str(checkpoint)))
+    qa = make_qa(settings, tokenizer)
     features = qa.features(examples, args.input or "command line")
-    model = load_trained_model(checkpoint, settings).to(device)
     predictions = qa.answer_questions(model, features, device, precision, args.batch_size)
 
     if args.json:

@@ -91,8 +91,8 @@ def _span_labels(example: SquadExample, offsets: np.ndarray, cls_index: int) -> 
     start_char = example.answer_starts[0]
     end_char = start_char + len(example.answer_texts[0])
     in_context = np.flatnonzero(offsets[:, 0] >= 0)
-    first, last = in_context[0], in_context[-1]
-    if offsets[first, 0] > start_char or offsets[last, 1] < end_char:
+    # A context of characters the tokenizer drops (control characters, for BERT) has no tokens at all.
+    if not in_context.size or offsets[in_context[0], 0] > start_char or offsets[in_context[-1], 1] < end_char:
         return cls_index, cls_index
     # The answer's first token is the last context token starting at or before start_char, its last
     # token the first context token ending at or after end_char.

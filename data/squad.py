@@ -1,18 +1,26 @@
 """SQuAD examples read from official SQuAD JSON (v1.1 / v2.0), flat JSON Lines, or a Hub dataset.
 
 Every record is checked here, once, so that everything downstream can trust an example: a bad
-record stops the run with a one-line error naming the file and the example id.
+record stops the run with a one-line error naming the file and the example id, and an answer_start
+that misses its answer text (or lies outside the context) is moved to the nearest occurrence of the
+text and counted.
+
+A question with no answers is unanswerable (SQuAD v2). Official v2.0 files mark such questions
+`"is_impossible": true`; elsewhere (JSON Lines, the Hub's squad_v2, SQuAD JSON without a version)
+empty answers alone say so, and a training or validation file logs how many of its questions were
+taken as unanswerable that way: a user must not learn from HasAns/NoAns scores that a run became
+SQuAD v2. A file that declares version 1.x has no unanswerable questions, so a question there with
+neither answers nor is_impossible is refused.
 """
-import gzip
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from data.jsonl import jsonl_records
-from engine.errors import UserError
+from data.jsonl import jsonl_records, parse_json
+from data.text_files import read_text, text_lines
+from engine.errors import UserError, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,8 @@ class SquadExamples(Dataset):
     def load(cls, source: str, split: str = "train", max_samples: int | None = None, require_answers: bool = True):
         """Read a .json/.jsonl file (optionally .gz) or, for any other name, a Hub dataset split.
 
-        Without `require_answers` (questions to predict), a question may come without answers.
+        Without `require_answers` (questions to predict), a question may come without answers, and
+        unanswerable questions are not counted in a warning.
         """
         path = Path(source)
         if path.suffix == ".gz" or path.suffix in (".json", ".jsonl") or path.exists():
@@ -56,21 +65,25 @@ class SquadExamples(Dataset):
     @classmethod
     def from_records(cls, records, source: str, max_samples: int | None = None, require_answers: bool = True):
         """Validate (where, flat record) pairs into examples."""
-        examples, repaired = [], 0
+        examples, repaired, unmarked_unanswerable = [], 0, 0
         seen = set()
         for where, record in records:
             example, repairs = _make_example(record, where, require_answers)
             if example.id in seen:
-                raise UserError(f"{where}: duplicate question id {example.id!r}")
+                raise UserError(f"{where}: duplicate question id {short_repr(example.id)}")
             seen.add(example.id)
             examples.append(example)
             repaired += repairs
+            unmarked_unanswerable += example.is_impossible and record.get("is_impossible") is not True
             if max_samples is not None and len(examples) >= max_samples:
                 break
         if not examples:
             raise UserError(f"{source}: contains no questions")
         if repaired:
             log.warning("%s: repaired %d answer_start offsets that did not point at their answer text", source, repaired)
+        if unmarked_unanswerable and require_answers:
+            log.warning("%s: %d of %d questions have no answers and are taken as unanswerable (SQuAD v2): null answers "
+                        "are trained and scored", source, unmarked_unanswerable, len(examples))
         return cls(examples, source)
 
     def __len__(self) -> int:
@@ -80,52 +93,46 @@ class SquadExamples(Dataset):
         return self.examples[index]
 
 
-def _open_text(path: Path):
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    return opener(path, "rt", encoding="utf-8")
-
-
 def _read_file(path: Path):
     """Yield (where, record) pairs with records in the flat JSON Lines shape."""
-    jsonl = path.name.removesuffix(".gz").endswith(".jsonl")
-    try:
-        with _open_text(path) as f:
-            if jsonl:
-                lines = f.readlines()
-            else:
-                document = json.load(f)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
-    except (OSError, UnicodeDecodeError, EOFError) as error:
-        raise UserError(f"{path}: cannot read ({error})") from None
-    if jsonl:
-        yield from jsonl_records(path, lines)
+    if path.name.removesuffix(".gz").endswith(".jsonl"):
+        yield from jsonl_records(path, (line for _, line in text_lines(path)))
     else:
-        yield from _squad_json_records(path, document)
+        yield from _squad_json_records(path, parse_json(read_text(path), str(path)))
 
 
 def _squad_json_records(path: Path, document):
     """Flatten the official nested schema (data -> paragraphs -> qas) into flat records."""
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise UserError(f"{path}: not SQuAD JSON (expected an object with a 'data' list of articles)")
+    version = document.get("version")
+    declares_v1 = str(version).removeprefix("v").split(".")[0] == "1"
     for article in document["data"]:
-        title = article.get("title", "") if isinstance(article, dict) else None
-        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(article, dict):
+            raise UserError(f"{path}: an entry of 'data' is {type(article).__name__}, not an article object")
+        title = article.get("title", "")
+        paragraphs = article.get("paragraphs")
         if not isinstance(paragraphs, list):
-            raise UserError(f"{path}: article {title!r} has no 'paragraphs' list")
+            raise UserError(f"{path}: article {short_repr(title)} has no 'paragraphs' list")
         for number, paragraph in enumerate(paragraphs):
             if not isinstance(paragraph, dict) or not isinstance(paragraph.get("qas"), list):
-                raise UserError(f"{path}: article {title!r}, paragraph {number} has no 'qas' list")
+                raise UserError(f"{path}: article {short_repr(title)}, paragraph {number} has no 'qas' list")
             for qa in paragraph["qas"]:
                 if not isinstance(qa, dict):
-                    raise UserError(f"{path}: article {title!r}, paragraph {number}: a question is not an object")
-                record = {"id": qa.get("id"), "title": title, "context": paragraph.get("context"), "question": qa.get("question")}
-                answers = [] if qa.get("is_impossible") else qa.get("answers")
-                if answers is not None:
+                    raise UserError(f"{path}: article {short_repr(title)}, paragraph {number}: a question is not an object")
+                record = {"id": qa.get("id"), "title": title, "context": paragraph.get("context"), "question": qa.get("question"),
+                          "is_impossible": qa.get("is_impossible")}
+                answers = qa.get("answers")
+                # An unanswerable v2 question may list plausible (wrong) answers: they are not its answers.
+                if answers is not None and record["is_impossible"] is not True:
                     if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
-                        raise UserError(f"{path}: question {qa.get('id')!r}: 'answers' must be a list of objects")
+                        raise UserError(f"{path}: question {short_repr(qa.get('id'))}: 'answers' must be a list of objects")
+                    if not answers and declares_v1:
+                        raise UserError(
+                            f"{path}: question {short_repr(qa.get('id'))} has no answers, but the file declares SQuAD version "
+                            f"{short_repr(version)} (mark it \"is_impossible\": true and set \"version\": \"v2.0\" for SQuAD v2, "
+                            "or give its answer)"
+                        )
                     record["answers"] = {
                         "text": [a.get("text") for a in answers],
                         "answer_start": [a.get("answer_start") for a in answers],
@@ -152,18 +159,27 @@ def _make_example(record: dict, where: str, require_answers: bool) -> tuple[Squa
 
     Returns the example and the number of answer offsets repaired."""
     qid = record.get("id")
-    if not isinstance(qid, (str, int)) or qid == "":
+    if qid is None or qid == "":
         raise UserError(f"{where}: a question has no 'id'")
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+        raise UserError(f"{where}: question id {short_repr(qid)} is not a string or an integer")
     qid = str(qid)
-    where = f"{where}: question {qid!r}"
-    context, question = record.get("context"), record.get("question")
+    where = f"{where}: question {short_repr(qid)}"
+    context, question, title = record.get("context"), record.get("question"), record.get("title")
     for field, value in (("context", context), ("question", question)):
         if not isinstance(value, str):
             raise UserError(f"{where}: missing or non-text '{field}'")
         if not value.strip():
             raise UserError(f"{where}: empty {field}")
+    if title is not None and not isinstance(title, str):
+        raise UserError(f"{where}: 'title' is {type(title).__name__}, not text")
+    title = title or ""
+    impossible = record.get("is_impossible")
+    if impossible is not None and not isinstance(impossible, bool):
+        raise UserError(f"{where}: 'is_impossible' must be true or false, not {short_repr(impossible)}")
+    if impossible:
+        return SquadExample(qid, title, context, question, (), ()), 0
     answers = record.get("answers")
-    title = str(record.get("title") or "")
     if answers is None and not require_answers:
         return SquadExample(qid, title, context, question, (), (), has_gold=False), 0
     if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or not isinstance(
@@ -177,13 +193,13 @@ def _make_example(record: dict, where: str, require_answers: bool) -> tuple[Squa
     fixed_starts = []
     for text, start in zip(texts, starts):
         if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{where}: an answer text is empty or not a string")
+            raise UserError(f"{where}: answer text {short_repr(text)} is empty or not a string")
         if not isinstance(start, int) or isinstance(start, bool):
-            raise UserError(f"{where}: answer_start {start!r} is not an integer")
-        if context[start : start + len(text)] != text:
+            raise UserError(f"{where}: answer_start {short_repr(start)} is not an integer")
+        if start < 0 or context[start : start + len(text)] != text:
             found = _nearest_occurrence(context, text, start)
             if found is None:
-                raise UserError(f"{where}: answer {text!r} does not occur in the context")
+                raise UserError(f"{where}: answer {short_repr(text)} does not occur in the context")
             start, repaired = found, repaired + 1
         fixed_starts.append(start)
     example = SquadExample(qid, title, context, question, tuple(texts), tuple(fixed_starts))
@@ -191,8 +207,9 @@ def _make_example(record: dict, where: str, require_answers: bool) -> tuple[Squa
 
 
 def _nearest_occurrence(context: str, text: str, start: int) -> int | None:
-    positions, position = [], context.find(text)
-    while position != -1:
-        positions.append(position)
-        position = context.find(text, position + 1)
-    return min(positions, key=lambda p: abs(p - start)) if positions else None
+    """Where `text` occurs in `context` nearest to `start` (the earlier of two as near), or None."""
+    start = min(max(start, 0), len(context))
+    before = context.rfind(text, 0, start + len(text) - 1)  # the last occurrence starting before `start`
+    after = context.find(text, start)
+    found = [position for position in (before, after) if position != -1]
+    return min(found, key=lambda position: abs(position - start)) if found else None

@@ -6,7 +6,6 @@ source's content. A second run on the same data opens the cache at once; files a
 line and tokenized in batches, so a corpus larger than RAM works too. `GroupedTextBlocks` cuts the stream into `block_size` blocks;
 the last, partial block is kept with its padding masked out of the loss, unless `drop_last`.
 """
-import gzip
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from data.jsonl import jsonl_records
+from data.text_files import read_errors_reported, text_lines
 from engine.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -46,7 +46,7 @@ def read_documents(path: Path, line_by_line: bool = False, text_field: str | Non
         yield from _jsonl_documents(path, text_field or "text")
         return
     paragraph = []
-    for _, line in _lines(path):
+    for _, line in text_lines(path):
         if not line.strip():
             if paragraph:
                 yield "\n".join(paragraph)
@@ -60,34 +60,23 @@ def read_documents(path: Path, line_by_line: bool = False, text_field: str | Non
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    for where, record in jsonl_records(path, (line for _, line in _lines(path))):
+    for where, record in jsonl_records(path, (line for _, line in text_lines(path))):
         text = record_text(record, text_field, where)
         if text.strip():
             yield text
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without its line ending) of a UTF-8 text file, plain or gzipped."""
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        if b"\x00" in f.peek(8192)[:8192]:
-            raise UserError(f"{path}: looks like a binary file (it contains NUL bytes), not text")
-        for number, raw in enumerate(f, start=1):
-            try:
-                # utf-8-sig: a byte-order mark some editors write is not part of the first line's text.
-                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                raise UserError(f"{path}:{number}: not UTF-8 text (byte {raw[error.start]:#04x} at byte "
-                                f"{error.start + 1} of the line)") from None
-
-
 def record_text(record: dict, text_field: str, where: str) -> str:
     """The text at a dotted field path of a record; lists of strings (at any level) are joined."""
     value = record
-    for key in text_field.split("."):
-        value = _field(value, key)
-        if value is None:
-            raise UserError(f"{where}: no field {text_field!r} (use --text-field to name the text)")
-    return " ".join(_strings(value, where, text_field))
+    try:
+        for key in text_field.split("."):
+            value = _field(value, key)
+            if value is None:
+                raise UserError(f"{where}: no field {text_field!r} (use --text-field to name the text)")
+        return " ".join(_strings(value, where, text_field))
+    except RecursionError:  # lists nested as deep as the JSON parser allowed, walked from a deeper stack
+        raise UserError(f"{where}: field {text_field!r} holds lists nested too deeply") from None
 
 
 def load_hub_dataset(name: str, config: str | None):
@@ -134,7 +123,7 @@ def content_hash(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path).encode() + b"\0")
-        with open(path, "rb") as f:
+        with read_errors_reported(path), open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()

@@ -6,6 +6,16 @@ class UserError(Exception):
     """Bad input from the user (a file, a flag, a checkpoint): the message says what and where."""
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """repr() of a value from the user's input, cut to `limit` characters: quoted into an error
+    message, its newlines cannot split the one line and a megabyte of it cannot flood it."""
+    try:
+        text = repr(value[: limit + 1] if isinstance(value, str) else value)
+    except RecursionError:  # a list nested as deep as the JSON parser allowed, repr'd from a deeper stack
+        text = f"<a deeply nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_cli(main) -> None:
     """Run a command-line entry point, turning a UserError into `error: ...` and exit status 2.
 

@@ -3,8 +3,10 @@ import json
 
 import pytest
 
+import predict
 import train
 from conftest import VALIDATION_SAMPLE, assert_one_line_error, run_script, write_jsonl
+from engine.errors import UserError
 
 CONTEXT = "The Amazon river flows through Brazil and empties into the Atlantic Ocean near the city of Belem."
 QUESTION = "Where does the Amazon empty?"
@@ -88,3 +90,40 @@ def test_missing_context_file(checkpoint, tmp_path):
     missing = tmp_path / "nope.txt"
     result = run_script("predict.py", "--checkpoint", checkpoint, "--context-file", missing, "--question", QUESTION, *FLAGS)
     assert_one_line_error(result, str(missing))
+
+
+def hostile_inputs(d):
+    """name -> (question and context arguments, texts the error line must mention)."""
+    binary, latin1 = d / "photo.txt", d / "latin1.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    latin1.write_bytes("First line\nÀ la carte".encode("latin-1"))
+    return {
+        "empty context": (["--context", "", "--question", QUESTION], ["command line", "empty context"]),
+        "whitespace question": (["--context", CONTEXT, "--question", " \t\n"], ["command line", "empty question"]),
+        # The run's window is 384 tokens with a stride of 128: a question may have at most 252.
+        "question longer than the window": (["--context", CONTEXT, "--question", "why " * 600], ["'question' is 600 tokens long"]),
+        "binary context file": (["--context-file", binary, "--question", QUESTION], [str(binary), "binary"]),
+        "non-UTF-8 context file": (["--context-file", latin1, "--question", QUESTION], [f"{latin1}:2", "byte 0xc0 at byte 1"]),
+        "context file is a directory": (["--context-file", d, "--question", QUESTION], [str(d), "is a directory"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["empty context", "whitespace question", "question longer than the window",
+                                  "binary context file", "non-UTF-8 context file", "context file is a directory"])
+def test_hostile_question_or_context_is_one_error_line(checkpoint, tmp_path, name):
+    # In-process: the exit status and "error:" prefix of run_cli are tested with the subprocess cases above.
+    arguments, mentions = hostile_inputs(tmp_path)[name]
+    with pytest.raises(UserError) as error:
+        predict.main(["--checkpoint", str(checkpoint), *map(str, arguments), *FLAGS])
+    message = str(error.value)
+    assert "\n" not in message and all(text in message for text in mentions), message
+
+
+def test_a_million_character_context_is_answered(checkpoint, tmp_path, capsys):
+    context = "The Nile flows north through Egypt into the Mediterranean Sea. " * 15_900 + CONTEXT
+    assert len(context) > 1_000_000
+    path = tmp_path / "long.txt"
+    path.write_text(context, encoding="utf-8")
+    predict.main(["--checkpoint", str(checkpoint), "--context-file", str(path), "--question", QUESTION, "--json", *FLAGS])
+    record = json.loads(capsys.readouterr().out)
+    assert record["answer"] and context[record["start"] : record["end"]] == record["answer"]
