@@ -12,8 +12,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import argparse
 import contextlib
 import json
-import math
 import logging
+import math
 import random
 import resource
 import signal
@@ -207,7 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "max_seq_length", "n_best",
                  "max_answer_length", "save_steps", "log_steps", "max_steps", "eval_steps", "max_train_samples",
-                 "max_eval_samples", "max_answer_tokens", "num_beams", "train_last_layers", "lora_r", "block_size", "max_bad_steps"):
+                 "max_eval_samples", "max_answer_tokens", "num_beams", "train_last_layers", "lora_r", "block_size",
+                 "max_bad_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -482,14 +483,15 @@ def skipped_step(run, args, writer, loss: float, grad_norm: float) -> None:
     state.skipped_steps += 1
     state.bad_steps_in_a_row += 1
     writer.add_scalar("train/skipped_steps", state.skipped_steps, state.step)
-    log.warning("step %d: loss %.4g, gradient norm %.4g: update skipped (%d in a row, %d in all)", state.step, loss,
-                grad_norm, state.bad_steps_in_a_row, state.skipped_steps)
+    if is_main():  # every process skipped the same step
+        log.warning("step %d: loss %.4g, gradient norm %.4g: update skipped (%d in a row, %d in all)", state.step, loss,
+                    grad_norm, state.bad_steps_in_a_row, state.skipped_steps)
     if state.bad_steps_in_a_row >= args.max_bad_steps:
         writer.close()
         raise UserError(f"step {state.step}: {state.bad_steps_in_a_row} steps in a row had a non-finite loss or "
-                        f"gradients (loss {loss:.4g}, gradient norm {grad_norm:.4g}); stopped without saving them ("
-                        f"{run.output_dir}/latest holds the last good checkpoint): lower --learning-rate, or train in "
-                        f"another --precision (this run: {run.precision}; fp16 overflows most easily)")
+                        f"gradients (loss {loss:.4g}, gradient norm {grad_norm:.4g}); stopped, saving nothing new: lower "
+                        f"--learning-rate, or train in another --precision (this run: {run.precision}; fp16 overflows "
+                        "most easily)")
 
 
 def train(run, args) -> None:
@@ -529,8 +531,9 @@ def train(run, args) -> None:
                 if state.step % args.log_steps == 0 or state.step == run.total_steps:
                     seconds = time.perf_counter() - window_start
                     lr = run.scheduler.get_last_lr()[0]
-                    for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm), ("skipped_steps", state.skipped_steps),
-                                        ("windows_per_s", window_windows / seconds), ("tokens_per_s", window_tokens / seconds)):
+                    for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
+                                        ("skipped_steps", state.skipped_steps), ("windows_per_s", window_windows / seconds),
+                                        ("tokens_per_s", window_tokens / seconds)):
                         writer.add_scalar(f"train/{name}", value, state.step)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", win_s=f"{window_windows / seconds:.1f}")
                     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
@@ -558,8 +561,8 @@ def write_results(run, args, scores: dict, state_mb: list[float]) -> None:
     state = run.state
     results = {
         "eval": scores, "initial_eval": state.initial_scores, f"best_{run.task.metric}": state.best_score,
-        "steps": state.step, "skipped_steps": state.skipped_steps, "global_batch": args.global_batch, "processes": world_size(), "fsdp": args.fsdp,
-        "device": str(run.device),
+        "steps": state.step, "skipped_steps": state.skipped_steps, "global_batch": args.global_batch,
+        "processes": world_size(), "fsdp": args.fsdp, "device": str(run.device),
         "precision": run.precision, "train_seconds": state.train_seconds, "train_windows": state.windows_seen,
         "train_windows_per_s": state.windows_seen / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),

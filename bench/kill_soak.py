@@ -156,30 +156,34 @@ def main() -> None:
     started = time.perf_counter()
     TrainProcess(train_args, work / "uninterrupted").finish()
     uninterrupted_s = time.perf_counter() - started
+    # A run can end before all its kills came (a moment that did not arrive in time): then another
+    # run starts, and each is compared with the uninterrupted one.
+    rng, rounds = random.Random(args.seed), []
     started = time.perf_counter()
-    rng = random.Random(args.seed)
-    moments = [rng.choice(MOMENTS) for _ in range(args.kills)]
-    phases = run_with_kills(train_args, work / "killed", moments, rng, latest_at=uninterrupted_s)
+    while sum(len(phases) for phases, _ in rounds) < args.kills and len(rounds) < args.kills:
+        moments = [rng.choice(MOMENTS) for _ in range(args.kills - sum(len(phases) for phases, _ in rounds))]
+        killed = work / f"killed-{len(rounds) + 1}"
+        phases = run_with_kills(train_args, killed, moments, rng, latest_at=uninterrupted_s)
+        rounds.append((phases, differences(work / "uninterrupted", killed)))
     killed_s = time.perf_counter() - started
-    found = differences(work / "uninterrupted", work / "killed")
-    counts = {phase: phases.count(phase) for phase in ("starting", "training", "evaluating", "saving")}
-    steps = json.loads((work / "killed" / "results.json").read_text())["steps"]
+    steps = json.loads((work / "uninterrupted" / "results.json").read_text())["steps"]
     lines = [
         "# SIGKILL soak", "", f"Machine: {cpu_description()}", "",
-        f"`train.py {' '.join(train_args)}`", "",
-        "| run | wall s | SIGKILLs survived | killed while starting / training / evaluating / saving | steps |",
-        "|---|---|---|---|---|",
-        f"| uninterrupted | {uninterrupted_s:.0f} | - | - | {steps} |",
-        f"| killed and resumed | {killed_s:.0f} | {len(phases)} | {' / '.join(str(counts[k]) for k in counts)} | {steps} |",
-        "",
-        "Final weights (latest/ and best/), optimizer, scheduler and random states, training state, predictions "
-        "and scores: " + ("**bit-identical**." if not found else f"**differ** in {', '.join(found)}."),
+        f"`train.py {' '.join(train_args)}`: {steps} steps, {uninterrupted_s:.0f} s uninterrupted. Kill moments drawn "
+        f"from {', '.join(MOMENTS)} (seed {args.seed}); {killed_s:.0f} s for all killed runs.", "",
+        "| killed run | SIGKILLs survived | killed while starting / training / evaluating / saving | end vs uninterrupted |",
+        "|---|---|---|---|",
     ]
+    for number, (phases, found) in enumerate(rounds, start=1):
+        counts = " / ".join(str(phases.count(p)) for p in ("starting", "training", "evaluating", "saving"))
+        lines.append(f"| {number} | {len(phases)} | {counts} | {'bit-identical' if not found else 'differs: ' + ', '.join(found)} |")
+    lines += ["", "Compared: final weights (latest/ and best/), optimizer, scheduler, grad scaler and random states, "
+                  "training state (step, epoch, scores), predictions.json and the scores in results.json."]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.report:
         Path(args.report).write_text(report)
-    sys.exit(1 if found else 0)
+    sys.exit(1 if any(found for _, found in rounds) else 0)
 
 
 if __name__ == "__main__":
