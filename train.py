@@ -510,8 +510,7 @@ def train(run, args) -> None:
     with StopRequest() as stop:
         while state.step < run.total_steps:
             epoch_batches = run.batches.for_epoch(state.epoch)
-            while state.batches_done < len(epoch_batches) and state.step < run.total_steps:
-                batch = epoch_batches[state.batches_done]
+            for batch in epoch_batches[state.batches_done:]:
                 micro_batches, padded_tokens = micro_batches_of_step(run, batch, args.batch_size)
                 started = time.perf_counter()
                 loss, grad_norm, updated = train_step(run, micro_batches, args.max_grad_norm)
@@ -522,6 +521,11 @@ def train(run, args) -> None:
                 else:
                     skipped_step(run, args, writer, loss, grad_norm)
                 state.batches_done += 1
+                # The epoch ends before this step's save, so that a run resumed from it starts the next
+                # epoch, and its one evaluation serves both the epoch end and --eval-steps.
+                epoch_end = state.batches_done == len(epoch_batches)
+                if epoch_end:
+                    state.epoch, state.batches_done = state.epoch + 1, 0
                 tokens = int(sum(lengths[i] for i in batch))
                 window_windows, window_tokens = window_windows + len(batch), window_tokens + tokens
                 state.windows_seen += len(batch)
@@ -538,7 +542,7 @@ def train(run, args) -> None:
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", win_s=f"{window_windows / seconds:.1f}")
                     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
                 bar.update(1)
-                if args.eval_steps and state.step % args.eval_steps == 0:
+                if epoch_end or args.eval_steps and state.step % args.eval_steps == 0:
                     evaluate_and_save(run, args, writer)
                 elif state.step % args.save_steps == 0 or stopping:
                     save(run, args, "latest", with_training_state=True)
@@ -546,10 +550,8 @@ def train(run, args) -> None:
                     bar.close()
                     writer.close()
                     raise SystemExit(f"stopped at step {state.step}; continue with --resume" if is_main() else 1)
-            if state.batches_done >= len(epoch_batches):
-                state.epoch += 1
-                state.batches_done = 0
-                evaluate_and_save(run, args, writer)
+                if state.step >= run.total_steps:
+                    break
     if state.last_eval_step != state.step:
         evaluate_and_save(run, args, writer)
     bar.close()

@@ -50,7 +50,8 @@ class TrainProcess:
         if list(self.output_dir.glob("*.tmp")):
             return "saving"
         text = self.stderr.decode(errors="replace")
-        last_eval, last_train = text.rfind("evaluate"), text.rfind("train:")
+        # Evaluation's bar is "evaluate", or "generate" for generative QA; training's is "train:".
+        last_eval, last_train = max(text.rfind("evaluate"), text.rfind("generate")), text.rfind("train:")
         if last_eval > last_train:
             return "evaluating"
         return "training" if last_train >= 0 else "starting"

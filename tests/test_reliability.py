@@ -79,6 +79,17 @@ def test_a_loss_that_stays_nan_stops_the_run_without_saving_it(tiny_model_dir, t
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "latest").values())
 
 
+@pytest.fixture
+def small_batch(tokenizer):
+    from conftest import TRAIN_SAMPLE
+    from data.batching import PadToLongest
+    from data.qa_features import SquadFeatures
+    from data.squad import SquadExamples
+
+    features = SquadFeatures(SquadExamples.load(str(TRAIN_SAMPLE), max_samples=4).examples, tokenizer, 64, 16)
+    return PadToLongest(features.pad_token_id)([features[i] for i in range(4)])
+
+
 def test_a_grad_scaler_overflow_is_a_skipped_step(tiny_model_dir_no_dropout, small_batch):
     """fp16's loss scaler: gradients that overflow skip the update as a non-finite loss does, and the
     scale drops for the next step."""
@@ -92,17 +103,6 @@ def test_a_grad_scaler_overflow_is_a_skipped_step(tiny_model_dir_no_dropout, sma
     assert run.scheduler.last_epoch == 0
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
     assert all(p.grad is None for p in run.model.parameters())
-
-
-@pytest.fixture
-def small_batch(tokenizer):
-    from conftest import TRAIN_SAMPLE
-    from data.batching import PadToLongest
-    from data.qa_features import SquadFeatures
-    from data.squad import SquadExamples
-
-    features = SquadFeatures(SquadExamples.load(str(TRAIN_SAMPLE), max_samples=4).examples, tokenizer, 64, 16)
-    return PadToLongest(features.pad_token_id)([features[i] for i in range(4)])
 
 
 def test_a_full_disk_while_saving_keeps_best_and_latest_and_the_run_resumes(tiny_model_dir, tmp_path, monkeypatch):

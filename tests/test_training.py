@@ -267,3 +267,22 @@ def test_evaluation_before_training_is_skipped_only_for_a_fresh_span_head(tiny_m
     assert initial_eval(backbone, "fresh-asked", "--eval-before-training")["total"] == 10
     assert initial_eval(tiny_model_dir, "trained")["total"] == 10
     assert initial_eval(tiny_model_dir, "trained-declined", "--no-eval-before-training") is None
+
+
+def test_an_epoch_end_on_an_eval_step_evaluates_once_and_saves_the_next_epoch(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint taken at an epoch's last step resumes in the next epoch: killed right after it,
+    a run must not redo or skip the epoch's end."""
+    evaluated_at = []
+    real_evaluate = train.evaluate
+
+    def evaluate(run, args):
+        evaluated_at.append(run.state.step)
+        return real_evaluate(run, args)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    # 40 windows in steps of 8: the first epoch ends at step 5, which --eval-steps 5 also names.
+    train.main(tiny_args(tiny_model_dir, tmp_path, "--eval-steps", "5", "--save-steps", "100", "--max-steps", "5",
+                         "--no-eval-before-training"))
+    assert evaluated_at == [5]
+    state = training_state(tmp_path / "latest")["state"]
+    assert (state["step"], state["epoch"], state["batches_done"]) == (5, 1, 0)
