@@ -30,30 +30,36 @@ def test_context_and_question(checkpoint):
     assert "Traceback" not in result.stderr
 
 
-def test_json_output(checkpoint):
-    result = run_script("predict.py", "--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, "--json", *FLAGS)
-    assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout)
+def predict_in_process(capsys, *args) -> tuple[str, str]:
+    """predict.py's stdout and stderr, run in this process: the subprocess tests above and below
+    cover the command line itself, and each saved process start is seconds of the suite."""
+    predict.main([*map(str, args), *FLAGS])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_json_output(checkpoint, capsys):
+    out, _ = predict_in_process(capsys, "--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, "--json")
+    record = json.loads(out)
     assert set(record) == {"answer", "score", "start", "end"}
     assert record["answer"] and CONTEXT[record["start"] : record["end"]] == record["answer"]
     assert 0 < record["score"] <= 1
 
 
-def test_context_file(checkpoint, tmp_path):
+def test_context_file(checkpoint, tmp_path, capsys):
     path = tmp_path / "article.txt"
     path.write_text(CONTEXT + "\n", encoding="utf-8")
-    result = run_script("predict.py", "--checkpoint", checkpoint, "--context-file", path, "--question", QUESTION, "--json", *FLAGS)
-    assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout)
+    out, _ = predict_in_process(capsys, "--checkpoint", checkpoint, "--context-file", path, "--question", QUESTION, "--json")
+    record = json.loads(out)
     assert record["answer"] and CONTEXT[record["start"] : record["end"]] == record["answer"]
     # Same answer as with --context (same text apart from the final newline), given the run's output
     # directory instead of its best/ checkpoint.
-    inline = run_script("predict.py", "--checkpoint", checkpoint.parent, "--context", CONTEXT, "--question", QUESTION,
-                        "--json", *FLAGS)
-    assert json.loads(inline.stdout) == record
+    inline, _ = predict_in_process(capsys, "--checkpoint", checkpoint.parent, "--context", CONTEXT, "--question", QUESTION,
+                                   "--json")
+    assert json.loads(inline) == record
 
 
-def test_input_jsonl_without_answers_to_output_file(checkpoint, tmp_path):
+def test_input_jsonl_without_answers_to_output_file(checkpoint, tmp_path, capsys):
     contexts = [CONTEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911. " * 12]
     records = [
         {"id": "amazon", "context": contexts[0], "question": QUESTION},
@@ -62,22 +68,20 @@ def test_input_jsonl_without_answers_to_output_file(checkpoint, tmp_path):
     ]
     questions = write_jsonl(tmp_path / "questions.jsonl", records)
     output = tmp_path / "predictions.json"
-    result = run_script("predict.py", "--checkpoint", checkpoint, "--input", questions, "--output", output, *FLAGS)
-    assert result.returncode == 0, result.stderr
+    _, err = predict_in_process(capsys, "--checkpoint", checkpoint, "--input", questions, "--output", output)
     answers = json.loads(output.read_text())
     assert sorted(answers) == ["amazon", "curie-1", "curie-2"]
     for record in records:
         assert answers[record["id"]] and answers[record["id"]] in record["context"]
-    assert "EM" not in result.stderr  # nothing to score without gold answers
+    assert "EM" not in err  # nothing to score without gold answers
 
 
-def test_input_with_answers_is_scored(checkpoint, tmp_path):
+def test_input_with_answers_is_scored(checkpoint, tmp_path, capsys):
     output = tmp_path / "predictions.json"
-    result = run_script("predict.py", "--checkpoint", checkpoint, "--input", VALIDATION_SAMPLE, "--output", output, *FLAGS)
-    assert result.returncode == 0, result.stderr
+    _, err = predict_in_process(capsys, "--checkpoint", checkpoint, "--input", VALIDATION_SAMPLE, "--output", output)
     answers = json.loads(output.read_text())
     assert len(answers) == 59
-    assert "F1" in result.stderr and "on 59 questions" in result.stderr
+    assert "F1" in err and "on 59 questions" in err
 
 
 def test_missing_checkpoint(tmp_path):
