@@ -39,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="with --input: write {id: answer} predictions here (default: print them)")
     p.add_argument("--json", action="store_true", help="print answer, score and character offsets as JSON")
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (default: 64)")
+    p.add_argument("--null-score-diff-threshold", type=float,
+                   help="extractive: answer 'no answer' when null score minus best span score exceeds this (default: "
+                        "the checkpoint's, tuned on its validation set when it was trained with unanswerable questions; "
+                        "else never 'no answer')")
     p.add_argument("--max-answer-tokens", type=int, help="generative: longest answer in tokens (default: as trained)")
     p.add_argument("--num-beams", type=int, help="generative: beam search width, 1 for greedy (default: as trained)")
     gen = p.add_argument_group("text generation from a causal LM checkpoint (--task clm)")
@@ -133,9 +137,13 @@ def main(argv=None) -> None:
     if generating:
         generate(args, tokenizer, model, device, precision)
         return
-    for name in ("max_answer_tokens", "num_beams"):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
+    overrides = {"max_answer_tokens": args.max_answer_tokens, "num_beams": args.num_beams}
+    settings.update({name: value for name, value in overrides.items() if value is not None})
+    if args.null_score_diff_threshold is not None:
+        if settings["qa_style"] != "extractive":
+            raise UserError(f"{args.checkpoint}: --null-score-diff-threshold is for extractive checkpoints; this one "
+                            "generates its answers (an empty one is its 'no answer')")
+        settings.update(allow_null=True, null_threshold=args.null_score_diff_threshold)
     qa = make_qa(settings, tokenizer)
     features = qa.features(examples, args.input or "command line")
     predictions = qa.answer_questions(model, features, device, precision, args.batch_size)

@@ -185,8 +185,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "untrained span head (extractive QA from a backbone), which would score about nothing")
     ev.add_argument("--n-best", type=int, default=20, help="extractive: start and end candidates per window in the span search")
     ev.add_argument("--max-answer-length", type=int, default=30, help="extractive: longest answer span, in tokens")
-    ev.add_argument("--null-score-diff-threshold", type=float, default=0.0,
-                    help="SQuAD v2: answer 'no answer' when null score minus best span score exceeds this")
+    ev.add_argument("--null-score-diff-threshold", type=float,
+                    help="SQuAD v2, extractive: answer 'no answer' when null score minus best span score exceeds this. "
+                         "Default: evaluation scores with 0, and also finds the threshold with the best F1 on the "
+                         "validation set (best_f1_thresh), which the checkpoints keep for predict.py; a value given "
+                         "here is used for both")
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", help="checkpoints (best/, latest/), results, TensorBoard logs; default outputs/TASK")
     run.add_argument("--save-steps", type=int, default=200, help="also save the latest checkpoint every N optimizer steps")
@@ -562,7 +565,7 @@ def write_results(run, args, scores: dict, state_mb: list[float]) -> None:
     """OUTPUT_DIR/results.json: final scores, throughput and memory of the run."""
     state = run.state
     results = {
-        "eval": scores, "initial_eval": state.initial_scores, f"best_{run.task.metric}": state.best_score,
+        "eval": scores, "initial_eval": state.initial_scores, f"best_checkpoint_{run.task.metric}": state.best_score,
         "steps": state.step, "skipped_steps": state.skipped_steps, "global_batch": args.global_batch,
         "processes": world_size(), "fsdp": args.fsdp, "device": str(run.device),
         "precision": run.precision, "train_seconds": state.train_seconds, "train_windows": state.windows_seen,

@@ -1,7 +1,8 @@
 """Baseline for bench/qa_squad.py: the same fine-tuning done by `transformers.Trainer`.
 
 Same backbone, windows, batch size, learning rate, warmup and weight decay as train.py; scored
-with the same span search and metrics. Needs `pip install accelerate` (Trainer requires it).
+with the same span search and metrics (and, on SQuAD v2 data, the same "no answer" threshold and
+best-threshold search). Needs `pip install accelerate` (Trainer requires it).
 
     python bench/trainer_baseline.py TRAIN.json VALIDATION.json OUT_DIR [--precision bf16] [--group-by-length]
 """
@@ -20,7 +21,7 @@ from data.qa_features import SquadFeatures  # noqa: E402
 from data.squad import SquadExamples  # noqa: E402
 from models.backbones import load_model, load_tokenizer, resolve_model  # noqa: E402
 from qa.extractive import ExtractiveQA  # noqa: E402
-from qa.metrics import squad_scores  # noqa: E402
+from qa.task import score_predictions  # noqa: E402
 
 
 class WithoutFeatureIndex(torch.utils.data.Dataset):
@@ -56,8 +57,8 @@ def main():
     tokenizer = load_tokenizer(resolve_model("minilm-l6"))
     torch.manual_seed(args.seed)
     model = load_model(resolve_model("minilm-l6"), "span")
-    train = SquadExamples.load(args.train_file).examples
-    features = SquadFeatures(train, tokenizer)
+    train = SquadExamples.load(args.train_file)
+    features = SquadFeatures(train.examples, tokenizer)
     steps = math.ceil(len(features) / args.batch_size)
     training_args = TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -72,14 +73,17 @@ def main():
     trainer.train()
     train_seconds = time.perf_counter() - started
 
-    examples = SquadExamples.load(args.validation_file).examples
-    settings = {"n_best": 20, "max_answer_length": 30, "allow_null": False, "null_threshold": 0.0}
+    validation = SquadExamples.load(args.validation_file)
+    examples = validation.examples
+    # As train.py: unanswerable questions switch on "no answer" at threshold 0, and the best threshold is searched.
+    allow_null = validation.has_unanswerable or train.has_unanswerable
+    settings = {"n_best": 20, "max_answer_length": 30, "allow_null": allow_null, "null_threshold": 0.0}
     eval_features = SquadFeatures(examples, tokenizer)
     device = next(model.parameters()).device
     started = time.perf_counter()
     predictions = ExtractiveQA(tokenizer, settings).answer_questions(model, eval_features, device, args.precision, 64)
     eval_seconds = time.perf_counter() - started
-    scores = squad_scores({k: v.text for k, v in predictions.items()}, examples)
+    _, scores, _ = score_predictions(predictions, examples, 0.0 if allow_null else None)
     tokens = int(sum(features.lengths))
     results = {
         "eval": scores, "train_seconds": train_seconds, "train_windows": len(features),

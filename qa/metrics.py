@@ -1,4 +1,5 @@
-"""SQuAD exact match and F1, with the official evaluation scripts' normalisation.
+"""SQuAD exact match and F1, with the official evaluation scripts' normalisation, and the v2.0
+script's search for the best "no answer" threshold.
 
 The v1.1 and v2.0 scripts share the normalisation; v2.0 adds the rule that an empty answer (the
 gold answer of an unanswerable question) only matches an empty prediction.
@@ -6,6 +7,8 @@ gold answer of an unanswerable question) only matches an empty prediction.
 import collections
 import re
 import string
+
+import numpy as np
 
 from data.squad import SquadExample
 
@@ -58,5 +61,58 @@ def squad_scores(predictions: dict[str, str], examples: list[SquadExample]) -> d
     return result
 
 
+def best_null_thresholds(spans: dict[str, str], null_odds: dict[str, float], examples: list[SquadExample]) -> dict:
+    """best_exact / best_f1 and their thresholds, as the official v2.0 script defines them: a question
+    is answered with its best span when its null odds are at most the threshold, else "no answer";
+    every threshold is tried by sorting the questions by null odds and sweeping.
+
+    Our odds are null score minus best span score, so the threshold found is a
+    --null-score-diff-threshold. Where the script reports the odds of the last question answered,
+    ours lies halfway to the next one: the same scores, with a margin on both sides. And questions
+    with equal odds switch together, as a threshold cannot split them (the script can). A question
+    without a span or odds scores 0 at every threshold.
+    """
+    answered = {"exact": [], "f1": []}  # each question's score when answered with its span
+    no_answer, odds = [], []  # its score when it says "no answer"; its null odds
+    for example in examples:
+        golds = example.answer_texts or ("",)
+        span, odd = spans.get(example.id), null_odds.get(example.id)
+        known = span is not None and odd is not None
+        answered["exact"].append(max(exact_match(span, g) for g in golds) if known else 0.0)
+        answered["f1"].append(max(f1(span, g) for g in golds) if known else 0.0)
+        no_answer.append(float(example.is_impossible and known))
+        odds.append(odd if known else np.inf)
+    odds = np.asarray(odds, dtype=np.float64)
+    order = np.argsort(odds, kind="stable")
+    sorted_odds = odds[order]
+    # Answering the first k questions by odds is a threshold only where the odds change (or k = 0, n).
+    realizable = np.ones(len(odds) + 1, dtype=bool)
+    realizable[1:-1] = sorted_odds[1:] > sorted_odds[:-1]
+    result = {}
+    for name, scores in answered.items():
+        gains = np.asarray(scores)[order] - np.asarray(no_answer)[order]
+        totals = sum(no_answer) + np.r_[0.0, np.cumsum(gains)]  # totals[k]: the first k questions answered
+        k = int(np.argmax(np.where(realizable, totals, -np.inf)))  # the first best: the lowest threshold
+        result[f"best_{name}"] = _percent_of(float(totals[k]), len(examples))
+        result[f"best_{name}_thresh"] = _threshold_between(sorted_odds[:k], sorted_odds[k:])
+    return result
+
+
+def _threshold_between(answered: np.ndarray, unanswered: np.ndarray) -> float:
+    """Halfway between the highest odds answered and the lowest not, so that odds recomputed with
+    rounding differences (predict.py on the validation file) fall on the same side; 1 beyond the
+    end when every question is answered, or none."""
+    finite = unanswered[np.isfinite(unanswered)]
+    if not len(answered):
+        return float(finite[0] - 1) if len(finite) else 0.0
+    if not len(finite):
+        return float(answered[-1] + 1)
+    return float((answered[-1] + finite[0]) / 2)
+
+
+def _percent_of(total: float, count: int) -> float:
+    return 100.0 * total / count if count else 0.0
+
+
 def _percent(values: list[float]) -> float:
-    return 100.0 * sum(values) / len(values) if values else 0.0
+    return _percent_of(sum(values), len(values))

@@ -2,8 +2,10 @@
 
 For each window the `n_best` highest start and end logits form an n_best x n_best grid of candidate
 spans; spans that end before they start, run longer than `max_answer_length` tokens or leave the
-context are masked, and the best remaining span over all windows of an example wins. Everything
-is array arithmetic over all windows at once.
+context are masked, and the best remaining span over all windows of an example wins. With null
+answers (SQuAD v2), "no answer" wins when the lowest null (CLS) score of the example's windows
+beats that span's score by more than the threshold. Everything is array arithmetic over all
+windows at once.
 """
 from dataclasses import dataclass
 
@@ -14,14 +16,23 @@ from data.qa_features import SquadFeatures
 
 @dataclass(frozen=True)
 class SpanPrediction:
-    text: str
-    start: int  # character offsets into the context; end is exclusive
+    span: str  # the best span, kept when "no answer" wins (the threshold search answers with it); "" if none fits
+    start: int  # character offsets of the span in the context; end is exclusive
     end: int
-    probability: float  # softmax over all candidate spans of all windows
-    null_score_diff: float  # null (CLS) score minus best span score: > threshold means "no answer"
+    probability: float  # of the span: softmax over all candidate spans of all windows
+    null_score_diff: float  # null (CLS) score minus the span's score: the official v2 script's "null odds"
+    no_answer: bool  # null_score_diff above the threshold, or no span fits
+
+    @property
+    def text(self) -> str:
+        """The answer: empty for "no answer"."""
+        return "" if self.no_answer else self.span
 
     def as_record(self) -> dict:
-        return {"answer": self.text, "score": round(self.probability, 4), "start": self.start, "end": self.end}
+        span = {"score": round(self.probability, 4), "start": self.start, "end": self.end}
+        if self.no_answer:
+            return {"answer": "", "null_score_diff": round(self.null_score_diff, 4), "best_span": {"text": self.span, **span}}
+        return {"answer": self.span, **span, "null_score_diff": round(self.null_score_diff, 4)}
 
 
 def predict_spans(
@@ -68,13 +79,12 @@ def predict_spans(
         winner = window_rows[np.argmax(best_score[window_rows])]
         score = best_score[winner]
         null_diff = float(null_score[window_rows].min() - score)
-        if not np.isfinite(score) or (allow_null and null_diff > null_threshold):
-            predictions[example.id] = SpanPrediction("", 0, 0, 0.0, null_diff)
+        if not np.isfinite(score):
+            predictions[example.id] = SpanPrediction("", 0, 0, 0.0, null_diff, no_answer=True)
             continue
         char_start = int(offsets[winner, best_start[winner], 0])
         char_end = int(offsets[winner, best_end[winner], 1])
         probability = float(np.exp(score - np.logaddexp.reduce(feature_logsumexp[window_rows])))
-        predictions[example.id] = SpanPrediction(
-            example.context[char_start:char_end], char_start, char_end, probability, null_diff
-        )
+        predictions[example.id] = SpanPrediction(example.context[char_start:char_end], char_start, char_end, probability,
+                                                 null_diff, no_answer=allow_null and null_diff > null_threshold)
     return predictions

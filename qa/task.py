@@ -12,10 +12,10 @@ from pathlib import Path
 from data import SAMPLES
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from data.squad import SquadExamples
-from engine.checkpoint import atomic_write_text
+from engine.checkpoint import atomic_write_text, load_run_config
 from engine.errors import UserError
 from models.backbones import load_config, load_tokenizer
-from qa.metrics import squad_scores
+from qa.metrics import best_null_thresholds, squad_scores
 from qa.styles import choose_qa_style, make_qa
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,13 @@ class QATask:
         self.tokenizer = load_tokenizer(str(resume_from or base_model))
         allow_null = train_examples.has_unanswerable or self.eval_examples.has_unanswerable
         self.settings = qa_settings(args, qa_style, model_kind, allow_null)
+        # Evaluation decides "no answer" with a fixed threshold (0 unless given); each evaluation also
+        # finds the best one, which the checkpoints carry for predict.py unless one was given.
+        self.eval_null_threshold = None
+        if qa_style == "extractive" and allow_null:
+            self.eval_null_threshold = self.settings["null_threshold"]
+            if args.null_score_diff_threshold is None and resume_from:
+                self.settings["null_threshold"] = load_run_config(resume_from)["null_threshold"]
         self.qa = make_qa(self.settings, self.tokenizer)
         self.train_set = self.qa.features(train_examples.examples, train_examples.source, training=True, seed=args.seed)
         self.eval_set = self.qa.features(self.eval_examples.examples, self.eval_examples.source)
@@ -62,10 +69,14 @@ class QATask:
         predictions = self.qa.answer_questions(model, self.eval_set, device, precision, batch_size)
         if predictions is None:
             return None
-        answers = {qid: p.text for qid, p in predictions.items()}
-        scores = squad_scores(answers, self.eval_examples.examples)
+        answers, scores, null_odds = score_predictions(predictions, self.eval_examples.examples, self.eval_null_threshold)
+        if null_odds is not None and not self.settings["null_threshold_given"]:
+            self.settings["null_threshold"] = scores["best_f1_thresh"]
         scores["seconds"], scores["windows"] = time.perf_counter() - started, len(self.eval_set)
         atomic_write_text(predictions_file, json.dumps(answers, indent=1, ensure_ascii=False))
+        if null_odds is not None:  # beside the answers, as the official v2 script's --na-prob-file
+            atomic_write_text(predictions_file.with_name(predictions_file.name.replace("predictions", "null_odds")),
+                              json.dumps(null_odds, indent=1))
         return scores
 
     @staticmethod
@@ -73,9 +84,30 @@ class QATask:
         text = f"EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f} on {scores['total']} questions"
         if "NoAns_f1" in scores:
             text += f"  HasAns F1 {scores['HasAns_f1']:.2f}  NoAns F1 {scores['NoAns_f1']:.2f}"
+        if "best_f1" in scores:
+            text += f"  best F1 {scores['best_f1']:.2f} at null threshold {scores['best_f1_thresh']:.3g}"
         return text
 
-    SCALARS = ("exact_match", "f1", "HasAns_f1", "NoAns_f1")
+    SCALARS = ("exact_match", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact", "best_f1",
+               "best_f1_thresh")
+
+
+def score_predictions(predictions: dict, examples: list, null_threshold: float | None) -> tuple[dict, dict, dict | None]:
+    """The answers by question id, their scores, and the null odds.
+
+    With `null_threshold` (extractive answers on data with unanswerable questions) the threshold
+    decides "no answer", and the official v2 script's best_exact / best_f1 and their thresholds
+    are searched on the same spans and odds.
+    """
+    if null_threshold is None:
+        answers = {qid: p.text for qid, p in predictions.items()}
+        return answers, squad_scores(answers, examples), None
+    spans = {qid: p.span for qid, p in predictions.items()}
+    null_odds = {qid: p.null_score_diff for qid, p in predictions.items()}
+    answers = {qid: "" if null_odds[qid] > null_threshold else span for qid, span in spans.items()}
+    scores = {**squad_scores(answers, examples), **best_null_thresholds(spans, null_odds, examples),
+              "null_threshold": null_threshold}
+    return answers, scores, null_odds
 
 
 def qa_settings(args, qa_style: str, model_kind: str, allow_null: bool) -> dict:
@@ -83,8 +115,9 @@ def qa_settings(args, qa_style: str, model_kind: str, allow_null: bool) -> dict:
     settings = {"task": "qa", "qa_style": qa_style, "model_kind": model_kind, "max_seq_length": args.max_seq_length,
                 "doc_stride": args.doc_stride, "lora": args.lora, "base_model": args.model}
     if qa_style == "extractive":
+        given = args.null_score_diff_threshold is not None
         return {**settings, "n_best": args.n_best, "max_answer_length": args.max_answer_length, "allow_null": allow_null,
-                "null_threshold": args.null_score_diff_threshold}
+                "null_threshold": args.null_score_diff_threshold if given else 0.0, "null_threshold_given": given}
     template = args.prompt_template or (SEQ2SEQ_TEMPLATE if model_kind == "seq2seq" else DECODER_TEMPLATE)
     no_answer_share = args.no_answer_share if args.no_answer_share is not None else float(allow_null)
     return {**settings, "prompt_template": template, "no_answer_share": no_answer_share,

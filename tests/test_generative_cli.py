@@ -137,3 +137,34 @@ def test_gguf_is_dequantized_once_into_a_plain_cached_model(tmp_path, monkeypatc
     gguf_file = Path(importlib.util.find_spec(package).submodule_search_locations[0]) / inside
     digest = hashlib.sha256(gguf_file.read_bytes()).hexdigest()
     assert directory.name == f"{gguf_file.stem}-{gguf_file.stat().st_size}-{digest[:16]}"  # another file, another copy
+
+
+def test_generative_v2_reports_no_answer_scores_and_answers_nothing(tmp_path, tiny_t5_dir, capsys):
+    """Unanswerable questions train the empty answer; evaluation scores it like the official v2
+    script (HasAns / NoAns), writes it as "", and predict.py says "(no answer)"."""
+    from conftest import squad_json, write_json
+    from data.squad import SquadExamples
+    from qa.metrics import squad_scores
+
+    unanswerable = [{"id": f"no-{i}", "question": q, "answers": [], "is_impossible": True}
+                    for i, q in enumerate(["Who painted the canal?", "How long is the canal?", "Who named it?"])]
+    answerable = {"id": "has-1", "question": QUESTION, "answers": [{"text": "1914", "answer_start": CONTEXT.index("1914")}]}
+    train_file = write_json(tmp_path / "train.json", squad_json([("Canal", [(CONTEXT, unanswerable)])], version="v2.0"))
+    validation_file = write_json(tmp_path / "validation.json",
+                                 squad_json([("Canal", [(CONTEXT, [answerable, *unanswerable])])], version="v2.0"))
+    output = tmp_path / "out"
+    train.main(["--model", str(tiny_t5_dir), "--learning-rate", "1e-2", "--max-steps", "6", "--train-file",
+                str(train_file), "--validation-file", str(validation_file), "--output-dir", str(output), *SMALL])
+    scores = json.loads((output / "results.json").read_text())["eval"]
+    answers = json.loads((output / "predictions.json").read_text())
+    assert answers == {"has-1": "", "no-0": "", "no-1": "", "no-2": ""}  # it learned to answer nothing
+    expected = squad_scores(answers, SquadExamples.load(str(validation_file)).examples)
+    assert {key: scores[key] for key in expected} == expected
+    assert (scores["NoAns_exact"], scores["NoAns_f1"], scores["HasAns_f1"], scores["f1"]) == (100.0, 100.0, 0.0, 75.0)
+    assert not (output / "null_odds.json").exists()  # no null odds to search over: the model chose ""
+    assert json.loads((output / "best" / "run_config.json").read_text())["no_answer_share"] == 1.0
+
+    capsys.readouterr()
+    import predict
+    predict.main(["--checkpoint", str(output), "--context", CONTEXT, "--question", "Who painted the canal?", *PREDICT_FLAGS])
+    assert capsys.readouterr().out == "(no answer)\n"

@@ -41,7 +41,7 @@ def predict_in_process(capsys, *args) -> tuple[str, str]:
 def test_json_output(checkpoint, capsys):
     out, _ = predict_in_process(capsys, "--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, "--json")
     record = json.loads(out)
-    assert set(record) == {"answer", "score", "start", "end"}
+    assert set(record) == {"answer", "score", "start", "end", "null_score_diff"}
     assert record["answer"] and CONTEXT[record["start"] : record["end"]] == record["answer"]
     assert 0 < record["score"] <= 1
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import predict
 import train
 from conftest import (VALIDATION_SAMPLE, ZERO_GRADIENT_TENSORS, assert_one_line_error, crash_then_resume, run_script,
                       tiny_args, tiny_run, training_state, weights)
@@ -200,13 +201,14 @@ def test_training_teaches_minilm_to_answer(tmp_path, minilm_path, tokenizer):
 
     train.main(["--epochs", "2", "--precision", "fp32", "--device", "cpu", "--output-dir", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    print(f"untrained F1 {untrained_f1:.2f}, trained F1 {results['eval']['f1']:.2f} (best {results['best_f1']:.2f})")
+    print(f"untrained F1 {untrained_f1:.2f}, trained F1 {results['eval']['f1']:.2f} (best {results['best_checkpoint_f1']:.2f})")
     assert results["eval"]["total"] == len(examples)
     assert results["eval"]["f1"] >= untrained_f1 + 10
 
 
-def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir):
-    """Unanswerable questions switch on the null answer, and the scores split HasAns / NoAns."""
+def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir, capsys):
+    """Unanswerable questions switch on the null answer, the scores split HasAns / NoAns, the best
+    null threshold is searched and kept in the checkpoint, and predict.py answers with it."""
     from conftest import squad_json, write_json
 
     context = "The lighthouse on the northern cape was built in 1874 by a team of twelve masons."
@@ -224,7 +226,35 @@ def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir)
     assert (scores["HasAns_total"], scores["NoAns_total"], scores["total"]) == (2, 1, 3)
     weighted = (2 * scores["HasAns_f1"] + scores["NoAns_f1"]) / 3
     assert scores["f1"] == pytest.approx(weighted)
-    assert json.loads((output / "best" / "run_config.json").read_text())["allow_null"] is True
+    assert scores["null_threshold"] == 0.0 and scores["best_f1"] >= scores["f1"]
+    # Beside predictions.json, for the official script: "no answer" exactly where the odds exceed 0.
+    answers = json.loads((output / "predictions.json").read_text())
+    null_odds = json.loads((output / "null_odds.json").read_text())
+    assert set(null_odds) == set(answers) == {"has-1", "has-2", "no-1"}
+    assert all((answers[q] == "") == (null_odds[q] > 0.0) for q in answers)
+    run_config = json.loads((output / "best" / "run_config.json").read_text())
+    assert run_config["allow_null"] is True and run_config["null_threshold_given"] is False
+    assert run_config["null_threshold"] == run_config["eval"]["best_f1_thresh"]
+
+    # predict.py answers with the tuned threshold: on the validation file it scores the best F1.
+    capsys.readouterr()
+    predict.main(["--checkpoint", str(output), "--input", str(data), "--json", "--device", "cpu", "--precision", "fp32"])
+    captured = capsys.readouterr()
+    records = json.loads(captured.out)
+    assert all((r["answer"] == "") == (r["null_score_diff"] > run_config["null_threshold"]) for r in records.values())
+    assert f"F1 {run_config['eval']['best_f1']:.2f} on 3 questions" in captured.err
+    predict.main(["--checkpoint", str(output), "--input", str(data), "--json", "--device", "cpu",
+                  "--null-score-diff-threshold", "1e9"])
+    assert all(r["answer"] for r in json.loads(capsys.readouterr().out).values())
+
+    # A threshold given to train.py is the one evaluation scores with and the checkpoint keeps.
+    given = tmp_path / "given"
+    train.main(["--model", str(tiny_model_dir), "--train-file", str(data), "--validation-file", str(data),
+                "--output-dir", str(given), "--max-steps", "1", "--precision", "fp32", "--device", "cpu",
+                "--null-score-diff-threshold", "-2.5"])
+    assert json.loads((given / "results.json").read_text())["eval"]["null_threshold"] == -2.5
+    run_config = json.loads((given / "best" / "run_config.json").read_text())
+    assert run_config["null_threshold"] == -2.5 and run_config["null_threshold_given"] is True
 
 
 def test_compiled_lora_run_resumes_and_ends_like_an_eager_one(tiny_model_dir_no_dropout, tmp_path, monkeypatch):
