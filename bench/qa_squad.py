@@ -102,7 +102,12 @@ def minilm_flops_per_token(mean_window: float) -> float:
 
 def run_config(name: str, train_file: Path, validation_file: Path, directory: Path) -> dict:
     flags, script = CONFIGS[name]
-    output = directory / name
+    return run_script(script, flags, train_file, validation_file, directory / name)
+
+
+def run_script(script: str, flags: list[str], train_file: Path, validation_file: Path, output: Path) -> dict:
+    """One epoch of train.py or the Trainer baseline in its own process: its results.json, plus
+    the process's wall-clock time."""
     if script == "train.py":
         command = [sys.executable, "train.py", "--train-file", str(train_file), "--validation-file", str(validation_file),
                    "--epochs", "1", "--output-dir", str(output), "--save-steps", "1000000", *flags]

@@ -5,6 +5,7 @@ with the same span search and metrics (and, on SQuAD v2 data, the same "no answe
 best-threshold search). Needs `pip install accelerate` (Trainer requires it).
 
     python bench/trainer_baseline.py TRAIN.json VALIDATION.json OUT_DIR [--precision bf16] [--group-by-length]
+                                     [--attention-dropout 0]
 """
 import argparse
 import json
@@ -49,6 +50,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--attention-dropout", type=float, help="replace the model's attention dropout (train.py's default is 0)")
     args = p.parse_args()
 
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, logging
@@ -56,7 +58,7 @@ def main():
     logging.set_verbosity_error()
     tokenizer = load_tokenizer(resolve_model("minilm-l6"))
     torch.manual_seed(args.seed)
-    model = load_model(resolve_model("minilm-l6"), "span")
+    model = load_model(resolve_model("minilm-l6"), "span", args.attention_dropout)
     train = SquadExamples.load(args.train_file)
     features = SquadFeatures(train.examples, tokenizer)
     steps = math.ceil(len(features) / args.batch_size)

@@ -2,7 +2,9 @@
 script's search for the best "no answer" threshold.
 
 The v1.1 and v2.0 scripts share the normalisation; v2.0 adds the rule that an empty answer (the
-gold answer of an unanswerable question) only matches an empty prediction.
+gold answer of an unanswerable question) only matches an empty prediction, and drops gold answers
+that normalise to nothing (SQuAD's dev set has three "." answers, which v1.1 lets an empty
+prediction match). Data with unanswerable questions is scored by the v2.0 rules, other data by v1.1.
 """
 import collections
 import re
@@ -44,8 +46,9 @@ def squad_scores(predictions: dict[str, str], examples: list[SquadExample]) -> d
     questions also gets HasAns_* and NoAns_* scores.
     """
     scores = {"HasAns": ([], []), "NoAns": ([], [])}
+    v2 = any(e.is_impossible for e in examples)
     for example in examples:
-        golds = example.answer_texts or ("",)
+        golds = gold_answers(example, v2)
         prediction = predictions.get(example.id, None)
         em = max(exact_match(prediction, g) for g in golds) if prediction is not None else 0.0
         f = max(f1(prediction, g) for g in golds) if prediction is not None else 0.0
@@ -61,6 +64,12 @@ def squad_scores(predictions: dict[str, str], examples: list[SquadExample]) -> d
     return result
 
 
+def gold_answers(example: SquadExample, v2: bool) -> tuple[str, ...]:
+    """What a prediction is scored against: "" for an unanswerable question."""
+    golds = tuple(g for g in example.answer_texts if normalize_answer(g)) if v2 else example.answer_texts
+    return golds or ("",)
+
+
 def best_null_thresholds(spans: dict[str, str], null_odds: dict[str, float], examples: list[SquadExample]) -> dict:
     """best_exact / best_f1 and their thresholds, as the official v2.0 script defines them: a question
     is answered with its best span when its null odds are at most the threshold, else "no answer";
@@ -74,13 +83,14 @@ def best_null_thresholds(spans: dict[str, str], null_odds: dict[str, float], exa
     """
     answered = {"exact": [], "f1": []}  # each question's score when answered with its span
     no_answer, odds = [], []  # its score when it says "no answer"; its null odds
+    v2 = any(e.is_impossible for e in examples)
     for example in examples:
-        golds = example.answer_texts or ("",)
+        golds = gold_answers(example, v2)
         span, odd = spans.get(example.id), null_odds.get(example.id)
         known = span is not None and odd is not None
         answered["exact"].append(max(exact_match(span, g) for g in golds) if known else 0.0)
         answered["f1"].append(max(f1(span, g) for g in golds) if known else 0.0)
-        no_answer.append(float(example.is_impossible and known))
+        no_answer.append(max(exact_match("", g) for g in golds) if known else 0.0)  # 1 for the unanswerable
         odds.append(odd if known else np.inf)
     odds = np.asarray(odds, dtype=np.float64)
     order = np.argsort(odds, kind="stable")

@@ -181,8 +181,11 @@ def test_scores_equal_the_official_v2_script(seed):
     """On a constructed v2 set: our HasAns/NoAns/overall scores at the fixed threshold equal the official
     script run on predictions.json and null_odds.json, and our best_* equal the script run on the spans."""
     rng = np.random.default_rng(seed)
-    golds = [["red dog"], ["the Eiffel Tower", "Eiffel"], ["1874"], ["a team of masons"], ["blue whale", "whale"]]
-    candidates = ["red dog", "dog", "Eiffel Tower", "tower", "1874", "in 1874", "masons", "a team", "whale", "grey seal", ""]
+    # "." is a real SQuAD gold answer: the v2 script drops it, so an empty prediction does not match it.
+    golds = [["red dog"], ["the Eiffel Tower", "Eiffel"], ["1874"], ["a team of masons"], ["blue whale", "whale"],
+             ["interventionism", "."]]
+    candidates = ["red dog", "dog", "Eiffel Tower", "tower", "1874", "in 1874", "masons", "a team", "whale", "grey seal", "",
+                  "interventionism"]
     examples, predictions = [], {}
     for i in range(60):
         answers = [] if rng.random() < 0.4 else golds[rng.integers(len(golds))]
@@ -211,3 +214,13 @@ def test_scores_equal_the_official_v2_script(seed):
     assert on_answers["best_f1"] <= ours["best_f1"] + 1e-9
     if ours["best_f1_thresh"] <= threshold:
         assert on_answers["best_f1"] == pytest.approx(ours["best_f1"])
+
+
+def test_a_gold_answer_that_normalises_to_nothing_counts_only_without_unanswerable_questions():
+    # v1.1 rules (no unanswerable question): an empty prediction matches the gold ".", as in evaluate-v1.1.py.
+    dotted = example("a", ["interventionism", "."])
+    assert squad_scores({"a": ""}, [dotted])["exact_match"] == 100.0
+    # v2.0 rules: "." is dropped, so "no answer" to an answerable question scores 0.
+    v2 = [dotted, example("n", [], impossible=True)]
+    assert squad_scores({"a": "", "n": ""}, v2)["HasAns_exact"] == 0.0
+    assert best_null_thresholds({"a": "", "n": ""}, {"a": 0.0, "n": 1.0}, v2)["best_exact"] == 50.0
