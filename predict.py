@@ -24,6 +24,7 @@ from models.backbones import load_tokenizer
 from models.transfer import load_trained_model
 from qa.metrics import squad_scores
 from qa.styles import make_qa
+from qa.task import QATask
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -162,8 +163,7 @@ def main(argv=None) -> None:
             print(json.dumps(answers, indent=1, ensure_ascii=False))
         answered = [e for e in examples if e.has_gold]
         if answered:
-            scores = squad_scores(answers, answered)
-            print(f"EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f} on {scores['total']} questions with gold answers",
+            print(f"scored on the questions with gold answers: {QATask.describe(squad_scores(answers, answered))}",
                   file=sys.stderr)
 
 

@@ -1,5 +1,6 @@
 """The training loop on a tiny BERT: exact resume, gradient accumulation, checkpoints; one real learning run."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -206,9 +207,8 @@ def test_training_teaches_minilm_to_answer(tmp_path, minilm_path, tokenizer):
     assert results["eval"]["f1"] >= untrained_f1 + 10
 
 
-def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir, capsys):
-    """Unanswerable questions switch on the null answer, the scores split HasAns / NoAns, the best
-    null threshold is searched and kept in the checkpoint, and predict.py answers with it."""
+def squad_v2_file(directory):
+    """Two answerable questions and an unanswerable one, in a SQuAD v2.0 file."""
     from conftest import squad_json, write_json
 
     context = "The lighthouse on the northern cape was built in 1874 by a team of twelve masons."
@@ -218,7 +218,13 @@ def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir,
         {"id": "no-1", "question": "Who painted the lighthouse?", "answers": [], "is_impossible": True},
     ]
     assert context[49:53] == "1874" and context[57:80] == "a team of twelve masons"
-    data = write_json(tmp_path / "v2.json", squad_json([("Cape", [(context, qas)])], version="2.0"))
+    return write_json(directory / "v2.json", squad_json([("Cape", [(context, qas)])], version="2.0"))
+
+
+def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir, capsys):
+    """Unanswerable questions switch on the null answer, the scores split HasAns / NoAns, the best
+    null threshold is searched and kept in the checkpoint, and predict.py answers with it."""
+    data = squad_v2_file(tmp_path)
     output = tmp_path / "out"
     train.main(["--model", str(tiny_model_dir), "--train-file", str(data), "--validation-file", str(data),
                 "--output-dir", str(output), "--max-steps", "2", "--precision", "fp32", "--device", "cpu"])
@@ -255,6 +261,21 @@ def test_squad_v2_run_reports_has_and_no_answer_scores(tmp_path, tiny_model_dir,
     assert json.loads((given / "results.json").read_text())["eval"]["null_threshold"] == -2.5
     run_config = json.loads((given / "best" / "run_config.json").read_text())
     assert run_config["null_threshold"] == -2.5 and run_config["null_threshold_given"] is True
+
+
+def test_a_resumed_v2_run_keeps_its_tuned_threshold_until_it_evaluates(tmp_path, tiny_model_dir):
+    """A checkpoint saved between evaluations carries the last tuned threshold, so a resumed run must
+    start from it (not from 0) to save the same checkpoints as an uninterrupted one."""
+    from qa.task import QATask
+
+    data = squad_v2_file(tmp_path)
+    checkpoint = shutil.copytree(tiny_model_dir, tmp_path / "latest")
+    (checkpoint / "run_config.json").write_text(json.dumps({"null_threshold": -1.25}))
+    flags = ["--model", str(tiny_model_dir), "--train-file", str(data), "--validation-file", str(data)]
+    assert QATask(train.parse_args(flags), str(tiny_model_dir), checkpoint).settings["null_threshold"] == -1.25
+    assert QATask(train.parse_args(flags), str(tiny_model_dir), None).settings["null_threshold"] == 0.0
+    given = train.parse_args([*flags, "--null-score-diff-threshold", "0.5"])
+    assert QATask(given, str(tiny_model_dir), checkpoint).settings["null_threshold"] == 0.5
 
 
 def test_compiled_lora_run_resumes_and_ends_like_an_eager_one(tiny_model_dir_no_dropout, tmp_path, monkeypatch):
