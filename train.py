@@ -29,15 +29,16 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clm.task import CLMTask
-from data.batching import TrainBatches, step_plan
+from data.batching import TrainBatches, prefetched, step_plan
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from engine.checkpoint import (atomic_write_text, find_checkpoint, load_run_config, load_training_state,
-                               output_directory_lock, restore_rng_state, rng_state, save_checkpoint, verified_checkpoint)
-from engine.device import autocast, pick_precision
-from engine.distributed import (any_rank, another_process_failed, clip_grad_norm, close_processes, first_to_fail,
-                                from_main, full_model_state, gather_to_main, gradient_sync, held_state_mb,
-                                init_processes, is_distributed, is_main, load_optimizer_state, optimizer_state, rank,
-                                sum_over_ranks, unwrap, world_size, wrap_model)
+                               output_directory_lock, save_checkpoint, verified_checkpoint)
+from engine.device import (autocast, configure_device, forked_rng, grad_scaler, host_values, out_of_memory_as_error,
+                           peak_memory_mb, pick_precision, pinned, restore_rng_state, rng_state, to_device)
+from engine.distributed import (another_process_failed, clip_grad_norm, close_processes, first_to_fail, from_main,
+                                full_model_state, gather_to_main, gradient_sync, held_state_mb, init_processes,
+                                is_distributed, is_main, load_optimizer_state, optimizer_state, rank, sum_over_ranks,
+                                targets_over_ranks, unwrap, world_size, wrap_model)
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
 from models.backbones import count_parameters, load_model, resolve_model
@@ -256,6 +257,7 @@ def setup(args, device: torch.device):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same on every process: a fresh head starts the same everywhere
     precision = pick_precision(args.precision, device)
+    configure_device(device)
     if args.fsdp and precision == "fp16":
         raise UserError("--fsdp with --precision fp16 is not supported (its loss scaling would need the sharded "
                         "gradients' overflow checks): use bf16")
@@ -289,7 +291,7 @@ def setup(args, device: torch.device):
 
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = linear_warmup_decay(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = grad_scaler(device, precision)
     state = TrainingState()
     if resume_from:
         changed = [_setting(k, saved["args"].get(k), getattr(args, k)) for k in TRAJECTORY_ARGS
@@ -303,7 +305,7 @@ def setup(args, device: torch.device):
         # count each process keeps its fresh seed.
         rng_states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
         if len(rng_states) == world_size():
-            restore_rng_state(rng_states[rank()])
+            restore_rng_state(rng_states[rank()], device)
         state = TrainingState(**saved["state"])
         log.info("resumed from %s at step %d (epoch %d)", resume_from, state.step, state.epoch + 1)
 
@@ -349,43 +351,62 @@ def plain_args(args) -> dict:
     return {k: _plain(v) for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
+OUT_OF_MEMORY_REMEDIES = ("lower --batch-size and raise --grad-accum-steps by as much (the same global batch), or "
+                          "turn on --gradient-checkpointing, or train in --precision bf16 (or fp16); checkpoints "
+                          "already written are intact")
+
+
+@dataclass
+class StepResult:
+    loss: float  # per target, over the whole step on all processes
+    grad_norm: float
+    updated: bool  # False: a non-finite loss or gradients, and the step was skipped
+    stop: bool  # some process was asked to stop (Ctrl-C, SIGTERM): all stop after this step
+
+
 # Marks a micro-batch that only stands in for a process with no windows left in this step: it runs
 # forward and backward (the processes must meet in the collectives) with its loss multiplied by 0.
 STAND_IN = "stand_in"
 
 
-def train_step(run, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, float, bool]:
+def train_step(run, micro_batches: list[dict], max_grad_norm: float, stop_requested=lambda: False) -> StepResult:
     """One optimizer step over this process's micro-batches (its share of the step's batch, in
     length-sorted pieces). The summed loss is normalised by the targets (windows, or answer tokens)
     of the whole step on all processes, so every target weighs the same however the step was cut
     up and shared. Gradients are synchronised once, in the last backward pass.
 
-    Returns the loss, the gradient norm, and whether the weights were updated: not when the loss or
-    the gradients are not finite (one NaN through AdamW would poison every weight). With fp16 that
-    is also the grad scaler's overflow check (its unscaled gradients are then inf), and the scaler
-    lowers its scale as it would have."""
+    The host reads the device once, at the end: the loss, the gradient norm and whether any process
+    was asked to stop (`stop_requested()`, asked as the step ends), together. Nothing is read per micro-batch, so on a GPU the host queues the
+    whole step without waiting for it. The weights are updated unless the loss or the gradients are
+    not finite (one NaN through AdamW would poison every weight); with fp16 that is also the grad
+    scaler's overflow check (its unscaled gradients are then inf), and the scaler lowers its scale
+    as it would have."""
     run.model.train()
-    count = int(sum_over_ranks([sum(run.task.count_targets(b) for b in micro_batches if STAND_IN not in b)])[0])
+    # Counted on the host, from the batches before they are copied: no read of the device.
+    targets = targets_over_ranks(sum(run.task.count_targets(b) for b in micro_batches if STAND_IN not in b))
     processes = world_size()  # DDP and FSDP average gradients over the processes: undo that
-    total_loss = 0.0
+    loss_sum = None
     for k, batch in enumerate(micro_batches):
         weight = 0 if STAND_IN in batch else 1
-        batch = {key: v.to(run.device, non_blocking=True) for key, v in batch.items() if key != STAND_IN}
-        with gradient_sync(run.model, k == len(micro_batches) - 1):
-            with autocast(run.device, run.precision):
-                loss_sum = run.task.loss(run.model, batch) * weight
-            run.scaler.scale(loss_sum * processes / count).backward()
-        total_loss += loss_sum.item()
-    total_loss = sum_over_ranks([total_loss])[0]
+        batch = to_device({key: v for key, v in batch.items() if key != STAND_IN}, run.device)
+        shape = " x ".join(map(str, batch["input_ids"].shape))
+        with out_of_memory_as_error(run.device, f"training on a micro-batch of {shape} tokens", OUT_OF_MEMORY_REMEDIES):
+            with gradient_sync(run.model, k == len(micro_batches) - 1):
+                with autocast(run.device, run.precision):
+                    micro_loss = run.task.loss(run.model, batch) * weight
+                run.scaler.scale(micro_loss * processes / targets).backward()
+        loss_sum = micro_loss.detach() if loss_sum is None else loss_sum + micro_loss.detach()
+    step_sums = sum_over_ranks(torch.stack([loss_sum, torch.full_like(loss_sum, float(stop_requested()))]))
     run.scaler.unscale_(run.optimizer)
     grad_norm = clip_grad_norm(run.model, max_grad_norm)
-    updated = math.isfinite(total_loss) and math.isfinite(grad_norm)  # the same on every process: both are global
+    loss, grad_norm, stops = host_values(step_sums[0] / targets, grad_norm, step_sums[1])
+    updated = math.isfinite(loss) and math.isfinite(grad_norm)  # the same on every process: both are global
     if updated:
         run.scaler.step(run.optimizer)
         run.scheduler.step()
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return total_loss / count, grad_norm, updated
+    return StepResult(loss, grad_norm, updated, stops > 0)
 
 
 def evaluate(run, args) -> dict:
@@ -396,7 +417,8 @@ def evaluate(run, args) -> dict:
     name = "predictions_before_training.json" if run.state.step == 0 else "predictions.json"
     # Evaluation must leave the random stream alone (its DataLoader draws a seed from it): otherwise
     # how often a run evaluates would change its dropout masks, and so its result.
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+    with forked_rng(run.device), out_of_memory_as_error(run.device, f"evaluating batches of {args.eval_batch_size}",
+                                                        "lower --eval-batch-size"):
         scores = run.task.evaluate(unwrap(run.model), run.device, run.precision, args.eval_batch_size,
                                    run.output_dir / name)
     # Each process answered a share; rank 0 scored them all, and every process acts on its scores.
@@ -410,7 +432,7 @@ def save(run, args, name: str, with_training_state: bool, scores: dict | None = 
     if with_training_state:
         training_state = {
             "optimizer": optimizer_state(run.model, run.optimizer), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "rng": gather_to_main(rng_state()), "state": asdict(run.state),
+            "scaler": run.scaler.state_dict(), "rng": gather_to_main(rng_state(run.device)), "state": asdict(run.state),
             "args": plain_args(args),
         }
     if is_main():
@@ -470,11 +492,11 @@ class NoWriter:
 
 
 def micro_batches_of_step(run, batch: list[int], micro_batch_size: int) -> tuple[list[dict], int]:
-    """This process's collated micro-batches of one step's global batch, and the padded tokens of
-    all processes' micro-batches."""
+    """This process's collated micro-batches of one step's global batch (pinned when the device
+    copies from pinned memory), and the padded tokens of all processes' micro-batches."""
     train_set, lengths = run.task.train_set, run.task.train_set.lengths
     plans = step_plan(batch, lengths, world_size(), micro_batch_size)
-    micro_batches = [run.task.collate([train_set[i] for i in piece]) if piece else
+    micro_batches = [pinned(run.task.collate([train_set[i] for i in piece]), run.device) if piece else
                      {**run.task.collate([train_set[batch[0]]]), STAND_IN: True} for piece in plans[rank()]]
     padded = sum(len(piece) * max(int(lengths[i]) for i in piece) for pieces in plans for piece in pieces if piece)
     return micro_batches, padded
@@ -513,16 +535,17 @@ def train(run, args) -> None:
     with StopRequest() as stop:
         while state.step < run.total_steps:
             epoch_batches = run.batches.for_epoch(state.epoch)
-            for batch in epoch_batches[state.batches_done:]:
-                micro_batches, padded_tokens = micro_batches_of_step(run, batch, args.batch_size)
-                started = time.perf_counter()
-                loss, grad_norm, updated = train_step(run, micro_batches, args.max_grad_norm)
-                state.train_seconds += time.perf_counter() - started
+            # The next step's micro-batches are collated (and pinned) while this step runs.
+            steps = prefetched(epoch_batches[state.batches_done:], lambda b: micro_batches_of_step(run, b, args.batch_size))
+            started = time.perf_counter()
+            for batch, (micro_batches, padded_tokens) in steps:
+                step = train_step(run, micro_batches, args.max_grad_norm, lambda: stop.requested)
+                state.train_seconds += time.perf_counter() - started  # with any wait for the batch
                 state.step += 1
-                if updated:
+                if step.updated:
                     state.bad_steps_in_a_row = 0
                 else:
-                    skipped_step(run, args, writer, loss, grad_norm)
+                    skipped_step(run, args, writer, step.loss, step.grad_norm)
                 state.batches_done += 1
                 # The epoch ends before this step's save, so that a run resumed from it starts the next
                 # epoch, and its one evaluation serves both the epoch end and --eval-steps.
@@ -534,27 +557,27 @@ def train(run, args) -> None:
                 state.windows_seen += len(batch)
                 state.tokens_seen += tokens
                 state.padded_tokens_seen += padded_tokens
-                stopping = any_rank(stop.requested)  # all processes stop at the same step
                 if state.step % args.log_steps == 0 or state.step == run.total_steps:
                     seconds = time.perf_counter() - window_start
                     lr = run.scheduler.get_last_lr()[0]
-                    for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
+                    for name, value in (("loss", step.loss), ("lr", lr), ("grad_norm", step.grad_norm),
                                         ("skipped_steps", state.skipped_steps), ("windows_per_s", window_windows / seconds),
                                         ("tokens_per_s", window_tokens / seconds)):
                         writer.add_scalar(f"train/{name}", value, state.step)
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", win_s=f"{window_windows / seconds:.1f}")
+                    bar.set_postfix(loss=f"{step.loss:.3f}", lr=f"{lr:.1e}", win_s=f"{window_windows / seconds:.1f}")
                     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
                 bar.update(1)
                 if epoch_end or args.eval_steps and state.step % args.eval_steps == 0:
                     evaluate_and_save(run, args, writer)
-                elif state.step % args.save_steps == 0 or stopping:
+                elif state.step % args.save_steps == 0 or step.stop:
                     save(run, args, "latest", with_training_state=True)
-                if stopping:
+                if step.stop:
                     bar.close()
                     writer.close()
                     raise SystemExit(f"stopped at step {state.step}; continue with --resume" if is_main() else 1)
                 if state.step >= run.total_steps:
                     break
+                started = time.perf_counter()
     if state.last_eval_step != state.step:
         evaluate_and_save(run, args, writer)
     bar.close()
@@ -580,8 +603,9 @@ def write_results(run, args, scores: dict, state_mb: list[float]) -> None:
     for count, name in (("windows", "windows"), ("total", "questions"), ("tokens", "tokens")):
         if count in scores:
             results[f"eval_{name}_per_s"] = scores[count] / scores["seconds"]
-    if run.device.type == "cuda":
-        results["peak_cuda_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+    peak_device_mb = peak_memory_mb(run.device)
+    if peak_device_mb is not None:
+        results["peak_cuda_mb"] = peak_device_mb
     atomic_write_text(run.output_dir / RESULTS, json.dumps(results, indent=2))
 
 

@@ -1,5 +1,6 @@
 """Batches: which features go together (the training order) and how they are padded."""
 import collections
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -176,3 +177,22 @@ class PadToLongest:
             else:
                 padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         return padded
+
+
+def prefetched(items, prepare):
+    """(item, prepare(item)) for each item, preparing the next item in a background thread while
+    the caller works on the current one. Collating a step's batch takes the host a few
+    milliseconds: done ahead, the device never waits for it. `prepare` must not touch state the
+    caller changes."""
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+        items = iter(items)
+        upcoming = next(items, _END)
+        pending = pool.submit(prepare, upcoming) if upcoming is not _END else None
+        while pending is not None:
+            current, ready = upcoming, pending
+            upcoming = next(items, _END)
+            pending = pool.submit(prepare, upcoming) if upcoming is not _END else None
+            yield current, ready.result()
+
+
+_END = object()

@@ -15,12 +15,10 @@ import errno
 import hashlib
 import json
 import os
-import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 
@@ -198,26 +196,8 @@ def load_training_state(directory: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{directory}: has no {TRAINING_STATE}, so it cannot be resumed (it is a model-only checkpoint)")
     try:
-        return torch.load(path, weights_only=True)
+        # On the CPU whatever device saved it: a GPU run resumes on another GPU count or on a CPU, and
+        # the optimizer moves its moments to its parameters' device as it loads them.
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - a damaged file is the user's to fix, report it in one line
         raise UserError(f"{path}: cannot be loaded ({type(error).__name__}: {error})") from None
-
-
-def rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from engine.device import pick_device
+from engine.device import collective_device, pick_device, process_device, process_group_backend
 from engine.errors import UserError
 
 
@@ -45,15 +45,12 @@ def init_processes(requested_device: str) -> torch.device:
         return device
     if device.type == "mps":
         raise UserError("torchrun with Apple MPS is not supported: use --device cpu")
-    if device.type == "cuda":
-        if device.index is not None:
-            raise UserError(f"--device {requested_device}: under torchrun each process uses cuda:LOCAL_RANK; "
-                            "give --device cuda (or auto)")
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
+    if device.type == "cuda" and device.index is not None:
+        raise UserError(f"--device {requested_device}: under torchrun each process uses cuda:LOCAL_RANK; "
+                        "give --device cuda (or auto)")
+    device = process_device(device, int(os.environ["LOCAL_RANK"]))
+    backend = process_group_backend(device)
+    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
     return device
 
 
@@ -123,12 +120,13 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
     yield
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the gradients' global norm; under FSDP the norm is computed over all shards."""
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm, and return it as a tensor on the device (reading it would
+    make the host wait); under FSDP the norm is computed over all shards."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if is_sharded(model):  # a DTensor: its value needs every shard
         norm = norm.full_tensor()
-    return norm.item()
+    return norm
 
 
 def held_state_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
@@ -143,21 +141,22 @@ def held_state_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> f
     return (weights + gradients + moments) / 2**20
 
 
-def collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all processes, left on the device: nothing waits for it
+    until its value is read. `tensor` must be on the collective's device: the GPU for NCCL, the CPU for gloo."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
 
 
-def sum_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise sums of `values` over all processes (float64)."""
+def targets_over_ranks(count: int) -> int | torch.Tensor:
+    """A count summed over all processes: the number itself without torchrun; under it a 0-dim
+    tensor on the collective's device (the GPU for NCCL), made and reduced without the host waiting
+    for the device."""
     if not is_distributed():
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def any_rank(flag: bool) -> bool:
-    return sum_over_ranks([float(flag)])[0] > 0
+        return count
+    tensor = torch.empty((), dtype=torch.float32, device=collective_device(dist.get_backend())).fill_(count)
+    return sum_over_ranks(tensor)
 
 
 def gather_to_main(obj) -> list | None:

@@ -187,15 +187,15 @@ def crash_then_resume(monkeypatch, argv: list[str], crash_on_call: int) -> tuple
 
     real_step, calls, resumed_calls = train.train_step, [], []
 
-    def crashing(run, micro_batches, max_grad_norm):
+    def crashing(*args):
         calls.append(1)
         if len(calls) == crash_on_call:
             raise RuntimeError("simulated crash")
-        return real_step(run, micro_batches, max_grad_norm)
+        return real_step(*args)
 
-    def counting(run, micro_batches, max_grad_norm):
+    def counting(*args):
         resumed_calls.append(1)
-        return real_step(run, micro_batches, max_grad_norm)
+        return real_step(*args)
 
     monkeypatch.setattr(train, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -66,8 +66,8 @@ def test_grad_accumulation_equals_one_batch_k_times_larger(tiny_llama_dir, tiny_
             scheduler=linear_warmup_decay(optimizer, 0, 10), scaler=torch.amp.GradScaler("cpu", enabled=False)))
     k = 3
     pieces = [items[i::k] for i in range(k)]
-    loss_a, _, _ = train.train_step(runs[0], [collate(p) for p in pieces], max_grad_norm=1e9)
-    loss_b, _, _ = train.train_step(runs[1], [collate(items)], max_grad_norm=1e9)
+    loss_a = train.train_step(runs[0], [collate(p) for p in pieces], max_grad_norm=1e9).loss
+    loss_b = train.train_step(runs[1], [collate(items)], max_grad_norm=1e9).loss
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for (name, a), b in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)

@@ -3,6 +3,7 @@ same output directory, damaged checkpoints. Each ends in an exact resume or in o
 import errno
 import io
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -97,8 +98,8 @@ def test_a_grad_scaler_overflow_is_a_skipped_step(tiny_model_dir_no_dropout, sma
     run.precision = "fp16"  # autocast on the CPU, as train.py does on a GPU without bf16
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 activation gradients overflow
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    loss, grad_norm, updated = train.train_step(run, [small_batch], max_grad_norm=1.0)
-    assert not updated and torch.isfinite(torch.tensor(loss)) and not torch.isfinite(torch.tensor(grad_norm))
+    step = train.train_step(run, [small_batch], max_grad_norm=1.0)
+    assert not step.updated and math.isfinite(step.loss) and not math.isfinite(step.grad_norm)
     assert run.scaler.get_scale() == 2.0**39
     assert run.scheduler.last_epoch == 0
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
