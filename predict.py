@@ -18,7 +18,7 @@ from clm.generation import generate_text, prompt_ids
 from data.squad import SquadExample, SquadExamples
 from data.text_files import read_text
 from engine.checkpoint import find_checkpoint, load_run_config, verified_checkpoint
-from engine.device import pick_device, pick_precision
+from engine.device import configure_device, out_of_memory_as_error, pick_device, pick_precision
 from engine.errors import UserError, run_cli
 from models.backbones import load_tokenizer
 from models.transfer import load_trained_model
@@ -134,6 +134,7 @@ def main(argv=None) -> None:
     settings, tokenizer, model = load_checkpoint(args, generating)
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
+    configure_device(device)
     model = model.to(device)
     if generating:
         generate(args, tokenizer, model, device, precision)
@@ -147,7 +148,8 @@ def main(argv=None) -> None:
         settings.update(allow_null=True, null_threshold=args.null_score_diff_threshold)
     qa = make_qa(settings, tokenizer)
     features = qa.features(examples, args.input or "command line")
-    predictions = qa.answer_questions(model, features, device, precision, args.batch_size)
+    with out_of_memory_as_error(device, f"answering batches of {args.batch_size} windows", "lower --batch-size"):
+        predictions = qa.answer_questions(model, features, device, precision, args.batch_size)
 
     if args.json:
         records = {qid: p.as_record() for qid, p in predictions.items()}

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from data.batching import PadToLongest, longest_first_batches
 from data.text_blocks import GroupedTextBlocks
-from engine.device import autocast
+from engine.device import autocast, pins_memory, to_device
 from engine.distributed import gather_to_main, is_main, shard_indices
 from models.lm_head_loss import final_hidden_states, lm_head_loss
 
@@ -17,11 +17,11 @@ def next_token_loss(model, batch: dict) -> torch.Tensor:
     -100), with the LM head run in chunks; the training loop normalises by the targets of the whole
     optimizer step."""
     hidden = final_hidden_states(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return lm_head_loss(model, hidden, batch["labels"])
+    return lm_head_loss(model, hidden, batch["labels"], batch["target_positions"])
 
 
 def count_targets(batch: dict) -> int:
-    return int((batch["labels"] != -100).sum())
+    return len(batch["target_positions"])
 
 
 # no_grad, not inference_mode: FSDP gathers weights into tensors that training updates in place later
@@ -33,13 +33,15 @@ def perplexity(model, blocks: GroupedTextBlocks, pad_token_id: int, device, prec
     model.eval()
     batches = longest_first_batches(blocks.lengths, batch_size)
     mine = shard_indices(len(batches), model)
-    loader = DataLoader(blocks, batch_sampler=[batches[i] for i in mine], collate_fn=PadToLongest(pad_token_id))
+    loader = DataLoader(blocks, batch_sampler=[batches[i] for i in mine], collate_fn=PadToLongest(pad_token_id),
+                        pin_memory=pins_memory(device))
     sums = {}  # batch index -> (NLL, targets)
     for index, batch in zip(mine, tqdm(loader, desc="evaluate", unit="batch", leave=False,
                                        disable=len(mine) < 4 or not is_main())):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        targets = count_targets(batch)  # on the host, before the copy
+        batch = to_device(batch, device)
         with autocast(device, precision):
-            sums[index] = (next_token_loss(model, batch).item(), count_targets(batch))
+            sums[index] = (next_token_loss(model, batch).item(), targets)
     gathered = gather_to_main(sums)
     if gathered is None:
         return None

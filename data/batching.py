@@ -148,7 +148,8 @@ class PadToLongest:
 
     Token lists are padded (input_ids with the pad token, labels with -100, others with 0) on the
     right, or on the left for decoder-only generation and training, where every row must end where
-    its prompt or answer ends; an attention mask marks the real tokens. Scalars become tensors.
+    its prompt or answer ends; an attention mask marks the real tokens. Scalars become tensors. With
+    labels, `target_positions` lists the flat positions (row x length + column) of those not -100.
     """
 
     PAD_VALUES = {"labels": -100}
@@ -166,6 +167,10 @@ class PadToLongest:
             pad = self.pad_token_id if key == "input_ids" else self.PAD_VALUES.get(key, 0)
             batch[key] = self._pad([f[key] for f in features], pad)
         batch["attention_mask"] = self._pad([[1] * len(f["input_ids"]) for f in features], 0)
+        if "labels" in batch:
+            # Where the targets are, found here on the host: on a GPU, selecting them by the mask
+            # `labels != -100` would make the host wait for the device to learn how many there are.
+            batch["target_positions"] = torch.nonzero(batch["labels"].flatten() != -100).squeeze(1)
         return batch
 
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:

@@ -34,13 +34,19 @@ def output_head(model) -> torch.nn.Linear:
     return head
 
 
-def lm_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the head's predictions from `hidden` for `labels` (aligned position by
-    position; -100 marks positions without a target). Equal to `F.cross_entropy(head(hidden).float(),
-    labels, reduction="sum")`, in value and gradients, to float rounding."""
+def lm_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor, target_positions: torch.Tensor,
+                 predicted_from: int = 0) -> torch.Tensor:
+    """Summed cross-entropy of the head's predictions from `hidden` for `labels`, both `[batch,
+    positions, ...]`, at `target_positions` (flat positions of the labels that are targets, as the
+    collator lists them). The target at position t is predicted from the hidden state at
+    t - `predicted_from`: 0 when the labels are already the next tokens, 1 when they are the input
+    tokens themselves (then no target may sit at a row's first position). Equal to
+    `F.cross_entropy(head(hidden).float(), labels, reduction="sum")` over those targets, in value and
+    gradients, to float rounding."""
     head = output_head(model)
-    keep = labels != -100
-    return ChunkedHeadCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], torch.is_grad_enabled())
+    rows = hidden.flatten(0, 1).index_select(0, target_positions - predicted_from)
+    targets = labels.flatten().index_select(0, target_positions)
+    return ChunkedHeadCrossEntropy.apply(rows, head.weight, head.bias, targets, torch.is_grad_enabled())
 
 
 class ChunkedHeadCrossEntropy(torch.autograd.Function):

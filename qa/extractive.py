@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from data.batching import PadToLongest, longest_first_batches
 from data.qa_features import SquadFeatures
-from engine.device import autocast
+from engine.device import autocast, pins_memory, to_device
 from engine.distributed import gather_to_main, is_main, shard_indices
 from qa.postprocess import predict_spans
 
@@ -50,13 +50,15 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
     model.eval()
     batches = longest_first_batches(features.lengths, batch_size)
     mine = [batches[i] for i in shard_indices(len(batches), model)]
-    loader = DataLoader(features, batch_sampler=mine, collate_fn=PadToLongest(features.pad_token_id))
+    loader = DataLoader(features, batch_sampler=mine, collate_fn=PadToLongest(features.pad_token_id),
+                        pin_memory=pins_memory(device))
     computed = []
     for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main()):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        rows = batch.pop("feature_index").numpy()  # stays on the host, where the logits are put back by it
+        batch = to_device(batch, device)
         with autocast(device, precision):
             start, end = val_step(model, batch)
-        computed.append((batch["feature_index"].cpu().numpy(), start.cpu().numpy(), end.cpu().numpy()))
+        computed.append((rows, start.cpu().numpy(), end.cpu().numpy()))
     gathered = gather_to_main(computed)
     if gathered is None:
         return None

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from data.batching import PadToLongest, longest_first_batches
 from data.generative_features import GenerativeQAFeatures
-from engine.device import autocast
+from engine.device import autocast, pins_memory, to_device
 from engine.distributed import gather_to_main, is_main, is_sharded, shard_indices
 from models.lm_head_loss import final_hidden_states, lm_head_loss
 
@@ -53,14 +53,15 @@ class GenerativeQA:
             # The head runs in chunks and only where an answer token is predicted (models/lm_head_loss.py).
             hidden = final_hidden_states(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          position_ids=position_ids(batch["attention_mask"]))
-            return lm_head_loss(model, hidden[:, :-1], labels[:, 1:])
+            # Each answer token is predicted from the position before it (the prompt comes first).
+            return lm_head_loss(model, hidden, labels, batch["target_positions"], predicted_from=1)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                        use_cache=False).logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
     @staticmethod
     def count_targets(batch: dict) -> int:
-        return int((batch["labels"] != -100).sum())
+        return len(batch["target_positions"])
 
     def answer_questions(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int):
         """The best generated answer of every example, by question id (under torchrun: on rank 0; the
@@ -79,15 +80,16 @@ class GenerativeQA:
         eos = self.tokenizer.eos_token_id
         batches = longest_first_batches(features.lengths, batch_size)
         mine = [batches[i] for i in shard_indices(len(batches), model)]
-        loader = DataLoader(features, batch_sampler=mine, collate_fn=self.collate(features))
+        loader = DataLoader(features, batch_sampler=mine, collate_fn=self.collate(features), pin_memory=pins_memory(device))
         # A sharded (FSDP) model must run as many forward passes on every process: generation then
         # goes on to the longest answer of any process.
         synced = is_sharded(model)
         generated_here = []
         for batch in tqdm(loader, desc="generate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main()):
+            prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, device)
             with autocast(device, precision):
                 output = model.generate(
-                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    **prompts,
                     max_new_tokens=self.settings["max_answer_tokens"], num_beams=self.settings["num_beams"],
                     do_sample=False, eos_token_id=eos, pad_token_id=features.pad_token_id,
                     output_scores=True, return_dict_in_generate=True, synced_gpus=synced,

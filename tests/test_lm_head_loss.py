@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import models.lm_head_loss
 from clm.language_model import next_token_loss
+from data.batching import PadToLongest
 from models.backbones import load_model
 from models.transfer import add_lora, enable_activation_checkpointing
 
@@ -21,13 +22,12 @@ def tiny_llama(directory, tied: bool):
 
 
 def padded_batch(vocab: int) -> dict:
-    """Two rows of 12, the second right-padded after 7 tokens (labels -100 there), as PadToLongest pads."""
+    """Two rows of 12, the second right-padded after 7 tokens (labels -100 there), by PadToLongest."""
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, vocab, (2, 12), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 7:] = 0
-    labels = torch.randint(3, vocab, (2, 12), generator=generator).masked_fill(attention_mask == 0, -100)
-    return {"input_ids": input_ids.masked_fill(attention_mask == 0, 0), "attention_mask": attention_mask, "labels": labels}
+    input_ids = torch.randint(3, vocab, (2, 12), generator=generator).tolist()
+    labels = torch.randint(3, vocab, (2, 12), generator=generator).tolist()
+    features = [{"input_ids": input_ids[0], "labels": labels[0]}, {"input_ids": input_ids[1][:7], "labels": labels[1][:7]}]
+    return PadToLongest(pad_token_id=0)(features)
 
 
 def full_logits_loss(model, batch: dict) -> torch.Tensor:
