@@ -121,7 +121,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def host_values(*tensors: torch.Tensor) -> list[float]:
     """Scalars from the device, in one copy: each read makes the host wait until the device has
     finished everything queued before it, so a training step reads once, at its end."""
-    return torch.stack([t.detach().float() for t in tensors]).tolist()
+    return torch.stack([t.detach().float() for t in tensors]).cpu().tolist()
 
 
 def rng_state(device: torch.device) -> dict:

@@ -58,7 +58,8 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
         batch = to_device(batch, device)
         with autocast(device, precision):
             start, end = val_step(model, batch)
-        computed.append((rows, start.cpu().numpy(), end.cpu().numpy()))
+        start, end = torch.stack([start, end]).cpu().numpy()  # one copy to the host per batch
+        computed.append((rows, start, end))
     gathered = gather_to_main(computed)
     if gathered is None:
         return None

@@ -94,11 +94,9 @@ class GenerativeQA:
                     do_sample=False, eos_token_id=eos, pad_token_id=features.pad_token_id,
                     output_scores=True, return_dict_in_generate=True, synced_gpus=synced,
                 )
-            # Beam search already returns log-probabilities; greedy search returns logits.
-            logprobs = model.compute_transition_scores(output.sequences, output.scores, output.get("beam_indices"),
-                                                       normalize_logits=self.settings["num_beams"] == 1)
-            generated = output.sequences[:, -logprobs.shape[1] :].tolist()
-            for window, tokens, token_logprobs in zip(batch["feature_index"].tolist(), generated, logprobs.float().tolist()):
+            tokens, logprobs = token_log_probabilities(model, output, self.settings["num_beams"])
+            generated, logprobs = tokens.tolist(), logprobs.float().tolist()
+            for window, tokens, token_logprobs in zip(batch["feature_index"].tolist(), generated, logprobs):
                 length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
                 text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
                 generated_here.append(GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window))
@@ -109,6 +107,19 @@ class GenerativeQA:
         for answer in (a for share in gathered for a in share):
             answers[answer.window] = answer
         return answers
+
+
+def token_log_probabilities(model, output, num_beams: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generated tokens `[rows, steps]` and the log-probability of each. Greedy search returns
+    each step's logits: normalised and read at the chosen token here, on the device (transformers'
+    `compute_transition_scores` would make the host wait to size its beams). Beam search returns
+    log-probabilities per beam, which that function follows back."""
+    tokens = output.sequences[:, -len(output.scores) :]
+    if num_beams == 1:
+        logits = torch.stack(output.scores, dim=1).float()
+        return tokens, logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    logprobs = model.compute_transition_scores(output.sequences, output.scores, output.beam_indices)
+    return output.sequences[:, -logprobs.shape[1] :], logprobs
 
 
 def choose_answers(features: GenerativeQAFeatures, candidates: list[GeneratedAnswer]) -> dict[str, GeneratedAnswer]:
