@@ -27,6 +27,9 @@ def pick_device(requested: str = "auto") -> torch.device:
             raise UserError(f"--device {requested!r} is not a device name ({error})") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {requested}: CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), "
+                            f"numbered from 0")
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise UserError(f"--device {requested}: Apple MPS is not available on this machine")
         return device
@@ -42,6 +45,9 @@ def process_device(device: torch.device, local_rank: int) -> torch.device:
     kernels and NCCL buffers land there); processes on the CPU share it."""
     if device.type != "cuda":
         return device
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"torchrun started process {local_rank} of this machine, which has only "
+                        f"{torch.cuda.device_count()} GPU(s): give --nproc_per_node {torch.cuda.device_count()} or less")
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     return device
@@ -61,8 +67,10 @@ def configure_device(device: torch.device) -> None:
     rate with a 10-bit mantissa, the precision of bf16 autocast's inputs, with fp32 accumulation.
     It matters where fp32 matmuls remain: --precision fp32, and the fp32 islands of autocast."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        # The classic switches: torch 2.13's finer `fp32_precision` settings would make its classic
+        # getters, which torch.compile still calls, raise for mixing the two interfaces.
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -127,10 +135,11 @@ def host_values(*tensors: torch.Tensor) -> list[float]:
 def rng_state(device: torch.device) -> dict:
     """Every random generator a run draws from: Python, NumPy, torch's CPU generator and, on
     CUDA, the GPUs' (as CPU tensors, which is how torch sets them back)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(position),
+        "numpy_gauss": [int(has_gauss), float(cached_gaussian)],  # the second of a pair of normal draws
         "torch": torch.get_rng_state(),
     }
     if device.type == "cuda":
@@ -140,7 +149,8 @@ def rng_state(device: torch.device) -> dict:
 
 def restore_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         *state.get("numpy_gauss", (0, 0.0))))
     torch.set_rng_state(state["torch"])
     # A state saved on as many GPUs as this machine has; otherwise each GPU keeps its seeded state.
     if device.type == "cuda" and len(state.get("cuda", [])) == torch.cuda.device_count():
@@ -167,6 +177,7 @@ def out_of_memory_as_error(device: torch.device, what: str, remedies: str):
     except torch.OutOfMemoryError:
         free = ""
         if device.type == "cuda":
-            free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-            free = f" ({free_bytes / 2**30:.1f} of {total_bytes / 2**30:.1f} GiB free)"
+            with contextlib.suppress(RuntimeError):  # the line matters more than this detail
+                free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+                free = f" ({free_bytes / 2**30:.1f} of {total_bytes / 2**30:.1f} GiB free)"
         raise UserError(f"out of memory on {device}{free} {what}: {remedies}") from None
