@@ -117,8 +117,13 @@ def pins_memory(device: torch.device) -> bool:
 
 
 def pinned(batch: dict, device: torch.device) -> dict:
-    """The batch in page-locked memory when the device copies from it (see `pins_memory`)."""
-    return {key: value.pin_memory() for key, value in batch.items()} if pins_memory(device) else batch
+    """The batch in page-locked memory when the device copies from it (see `pins_memory`). Called
+    from the prefetch thread too, whose current GPU would be GPU 0: pinning there would open a
+    CUDA context on GPU 0 for every torchrun process."""
+    if not pins_memory(device):
+        return batch
+    with torch.cuda.device(device):
+        return {key: value.pin_memory() for key, value in batch.items()}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

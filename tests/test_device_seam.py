@@ -300,9 +300,21 @@ def test_only_cuda_pins_memory():
     assert not seam.pins_memory(CPU) and not seam.pins_memory(MPS)
 
 
-def test_pinned_on_cuda_pins_every_tensor(pin_calls):
+def test_pinned_on_cuda_pins_every_tensor(pin_calls, monkeypatch):
+    """On the run's GPU, also from another thread (whose current GPU would be GPU 0)."""
+    import contextlib
+
+    current = []
+
+    @contextlib.contextmanager
+    def device(device):
+        current.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
     batch = a_batch()
-    result = seam.pinned(batch, CUDA)
+    result = seam.pinned(batch, torch.device("cuda", 1))
+    assert current == [torch.device("cuda", 1)]
     assert result.keys() == batch.keys()
     assert len(pin_calls) == len(batch)
     for key, tensor in batch.items():
