@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clm.task import CLMTask
-from data.batching import TrainBatches, prefetched, step_plan
+from data.batching import TrainBatches, prefetched, step_plan, without_needless_mask
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from engine.checkpoint import (atomic_write_text, find_checkpoint, load_run_config, load_training_state,
                                output_directory_lock, save_checkpoint, verified_checkpoint)
@@ -493,10 +493,11 @@ class NoWriter:
 
 def micro_batches_of_step(run, batch: list[int], micro_batch_size: int) -> tuple[list[dict], int]:
     """This process's collated micro-batches of one step's global batch (pinned when the device
-    copies from pinned memory), and the padded tokens of all processes' micro-batches."""
+    copies from pinned memory; without a mask when unpadded), and the padded tokens of all
+    processes' micro-batches."""
     train_set, lengths = run.task.train_set, run.task.train_set.lengths
     plans = step_plan(batch, lengths, world_size(), micro_batch_size)
-    micro_batches = [pinned(run.task.collate([train_set[i] for i in piece]), run.device) if piece else
+    micro_batches = [pinned(without_needless_mask(run.task.collate([train_set[i] for i in piece])), run.device) if piece else
                      {**run.task.collate([train_set[batch[0]]]), STAND_IN: True} for piece in plans[rank()]]
     padded = sum(len(piece) * max(int(lengths[i]) for i in piece) for pieces in plans for piece in pieces if piece)
     return micro_batches, padded

@@ -16,7 +16,7 @@ def next_token_loss(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy over the batch's targets (labels are already the next tokens; padding is
     -100), with the LM head run in chunks; the training loop normalises by the targets of the whole
     optimizer step."""
-    hidden = final_hidden_states(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = final_hidden_states(model, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     return lm_head_loss(model, hidden, batch["labels"], batch["target_positions"])
 
 

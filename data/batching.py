@@ -184,6 +184,16 @@ class PadToLongest:
         return padded
 
 
+def without_needless_mask(batch: dict) -> dict:
+    """The batch without its attention mask when no row is padded (full text blocks, windows of one
+    length): the model needs none then, and transformers, given one, asks the device before every
+    forward pass whether it is all ones, which on a GPU makes the host wait. Asked here, on the host."""
+    mask = batch.get("attention_mask")
+    if mask is None or not bool(mask.all()):
+        return batch
+    return {key: value for key, value in batch.items() if key != "attention_mask"}
+
+
 def prefetched(items, prepare):
     """(item, prepare(item)) for each item, preparing the next item in a background thread while
     the caller works on the current one. Collating a step's batch takes the host a few

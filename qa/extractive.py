@@ -24,10 +24,12 @@ def span_loss(model, batch: dict) -> torch.Tensor:
     A sum, not a mean, so that the training loop can normalise by the windows of the whole step.
     """
     outputs = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
-    # Padding must not take probability mass: a window's loss would depend on its batch-mates.
-    padding = batch["attention_mask"] == 0
-    start_logits = outputs.start_logits.float().masked_fill(padding, float("-inf"))
-    end_logits = outputs.end_logits.float().masked_fill(padding, float("-inf"))
+    start_logits, end_logits = outputs.start_logits.float(), outputs.end_logits.float()
+    if "attention_mask" in batch:  # a batch without one has no padding
+        # Padding must not take probability mass: a window's loss would depend on its batch-mates.
+        padding = batch["attention_mask"] == 0
+        start_logits = start_logits.masked_fill(padding, float("-inf"))
+        end_logits = end_logits.masked_fill(padding, float("-inf"))
     start = F.cross_entropy(start_logits, batch["start_positions"], reduction="sum")
     end = F.cross_entropy(end_logits, batch["end_positions"], reduction="sum")
     return (start + end) / 2

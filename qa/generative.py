@@ -51,11 +51,12 @@ class GenerativeQA:
         labels = batch["labels"]
         if self.decoder_only:
             # The head runs in chunks and only where an answer token is predicted (models/lm_head_loss.py).
-            hidden = final_hidden_states(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         position_ids=position_ids(batch["attention_mask"]))
+            mask = batch.get("attention_mask")  # none: no padding, positions from 0 on every row
+            hidden = final_hidden_states(model, input_ids=batch["input_ids"], attention_mask=mask,
+                                         position_ids=None if mask is None else position_ids(mask))
             # Each answer token is predicted from the position before it (the prompt comes first).
             return lm_head_loss(model, hidden, labels, batch["target_positions"], predicted_from=1)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
                        use_cache=False).logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 

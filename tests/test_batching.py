@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import TRAIN_SAMPLE
-from data.batching import PadToLongest, TrainBatches, length_sorted_pieces
+from data.batching import PadToLongest, TrainBatches, length_sorted_pieces, without_needless_mask
 from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
 
@@ -178,3 +178,21 @@ def test_length_sorted_pieces_keep_equal_lengths_together_and_split_extremes():
     assert length_sorted_pieces(list(range(8)), lengths, piece_cost=128) == [list(range(8))]
     # A piece costs more than all the padding there is to save: keep the batch whole.
     assert len(length_sorted_pieces(list(range(16)), lengths, piece_cost=10_000)) == 1
+
+
+def test_an_unpadded_batch_goes_without_a_mask_and_the_same_loss(tiny_model_dir_no_dropout):
+    """Without padding the model needs no mask (transformers would ask the device whether it is all
+    ones before every forward pass): dropping it changes nothing, and a padded batch keeps its mask."""
+    from models.backbones import load_model
+    from qa.extractive import span_loss
+
+    collate = PadToLongest(pad_token_id=0)
+    windows = [{"input_ids": [101, 7, 8, 9, 102], "start_positions": 1, "end_positions": 2},
+               {"input_ids": [101, 5, 6, 4, 102], "start_positions": 3, "end_positions": 3}]
+    full = collate(windows)
+    unmasked = without_needless_mask(full)
+    assert "attention_mask" not in unmasked and unmasked.keys() == full.keys() - {"attention_mask"}
+    padded = collate([windows[0], {**windows[1], "input_ids": [101, 5, 102]}])
+    assert without_needless_mask(padded) is padded
+    model = load_model(str(tiny_model_dir_no_dropout), "span").eval()
+    assert torch.equal(span_loss(model, unmasked), span_loss(model, full))
