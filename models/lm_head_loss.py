@@ -73,7 +73,8 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
                 continue
             # d(loss)/d(logits) = softmax - one-hot, built in place in the logits' buffer
             grad_logits = logits.sub_(log_norm[:, None]).exp_()
-            grad_logits[torch.arange(len(chunk_targets)), chunk_targets] -= 1
+            # the row index made on the device: a CPU index would be copied over, waiting for the GPU
+            grad_logits[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1
             if want_hidden:
                 grad_hidden[chunk] = grad_logits.to(rows.dtype) @ weight.to(rows.dtype)
             if want_weight:
