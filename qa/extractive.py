@@ -47,7 +47,7 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
     torchrun each process runs a share of the batches and rank 0 gets them all (the others None).
 
     Windows are run longest first (little padding, and any out-of-memory error comes at once) and
-    put back in place by the feature index each batch carries, never by loader order.
+    put back in place by the rows each batch was collated from.
     """
     model.eval()
     batches = longest_first_batches(features.lengths, batch_size)
@@ -55,9 +55,9 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
     loader = DataLoader(features, batch_sampler=mine, collate_fn=PadToLongest(features.pad_token_id),
                         pin_memory=pins_memory(device))
     computed = []
-    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main()):
-        rows = batch.pop("feature_index").numpy()  # stays on the host, where the logits are put back by it
-        batch = to_device(batch, device)
+    progress = tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main())
+    for rows, batch in zip(mine, progress):  # the loader collates each list of rows in its order
+        batch = to_device({k: v for k, v in batch.items() if k in MODEL_INPUTS}, device)
         with autocast(device, precision):
             start, end = val_step(model, batch)
         start, end = torch.stack([start, end]).cpu().numpy()  # one copy to the host per batch

@@ -75,8 +75,8 @@ class GenerativeQA:
     def generate(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int) -> list[GeneratedAnswer] | None:
         """An answer for every window, in feature order; under torchrun each process generates for a
         share of the batches and rank 0 gets them all (the others None). Windows run longest first
-        (little padding, and an out-of-memory error comes at once) and are put back by the index
-        each batch carries."""
+        (little padding, and an out-of-memory error comes at once) and are put back by the windows
+        each batch was collated from."""
         model.eval()
         eos = self.tokenizer.eos_token_id
         batches = longest_first_batches(features.lengths, batch_size)
@@ -86,7 +86,8 @@ class GenerativeQA:
         # goes on to the longest answer of any process.
         synced = is_sharded(model)
         generated_here = []
-        for batch in tqdm(loader, desc="generate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main()):
+        progress = tqdm(loader, desc="generate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main())
+        for windows, batch in zip(mine, progress):  # the loader collates each list of windows in its order
             prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, device)
             with autocast(device, precision):
                 output = model.generate(
@@ -97,7 +98,7 @@ class GenerativeQA:
                 )
             tokens, logprobs = token_log_probabilities(model, output, self.settings["num_beams"])
             generated, logprobs = tokens.tolist(), logprobs.float().tolist()
-            for window, tokens, token_logprobs in zip(batch["feature_index"].tolist(), generated, logprobs):
+            for window, tokens, token_logprobs in zip(windows, generated, logprobs):
                 length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
                 text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
                 generated_here.append(GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window))

@@ -207,6 +207,15 @@ def crash_then_resume(monkeypatch, argv: list[str], crash_on_call: int) -> tuple
     return saved_step, len(resumed_calls)
 
 
+def one_line(error: pytest.ExceptionInfo, *must_mention: str) -> str:
+    """The message of a raised UserError: one line that mentions each of `must_mention`."""
+    message = str(error.value)
+    assert "\n" not in message, message
+    for text in must_mention:
+        assert text in message, f"{text!r} not in {message!r}"
+    return message
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *must_mention: str) -> str:
     """Exit status 2 and exactly one stderr line `error: ...` that mentions each of `must_mention`."""
     stderr = result.stderr.strip()

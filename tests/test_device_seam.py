@@ -21,6 +21,7 @@ import torch
 
 import engine.device as seam
 from engine.distributed import init_processes
+from conftest import one_line
 from engine.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,14 +53,6 @@ def gpu(monkeypatch):
     return type("Gpu", (), fakes)
 
 
-def one_line_error(error: pytest.ExceptionInfo, *must_mention: str) -> str:
-    message = str(error.value)
-    assert "\n" not in message, message
-    for text in must_mention:
-        assert text in message, f"{text!r} not in {message!r}"
-    return message
-
-
 # --- 1. The device ---
 
 def test_auto_picks_cuda_when_available(gpu):
@@ -70,20 +63,20 @@ def test_cuda_requested_without_cuda_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # so on a GPU machine too
     with pytest.raises(UserError) as error:
         seam.pick_device("cuda")
-    one_line_error(error, "--device cuda", "CUDA is not available")
+    one_line(error, "--device cuda", "CUDA is not available")
 
 
 def test_a_gpu_the_machine_lacks_is_a_user_error(gpu):
     with pytest.raises(UserError) as error:
         seam.pick_device("cuda:5")
-    one_line_error(error, "--device cuda:5", "2 GPU(s)")
+    one_line(error, "--device cuda:5", "2 GPU(s)")
 
 
 def test_more_torchrun_processes_than_gpus_is_a_user_error(gpu):
     assert seam.process_device(CUDA, 1) == torch.device("cuda", 1)
     with pytest.raises(UserError) as error:
         seam.process_device(CUDA, 2)
-    one_line_error(error, "process 2", "--nproc_per_node 2")
+    one_line(error, "process 2", "--nproc_per_node 2")
 
 
 # --- 2. Precision and the grad scaler ---
@@ -107,7 +100,7 @@ def test_grad_scaler_scales_fp16_only(gpu, precision, scaling):
 def test_fp16_off_cuda_is_a_user_error(device):
     with pytest.raises(UserError) as error:
         seam.pick_precision("fp16", device)
-    one_line_error(error, "fp16", "CUDA")
+    one_line(error, "fp16", "CUDA")
 
 
 @pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "fp32")])
@@ -152,7 +145,7 @@ def test_torchrun_on_cpu_uses_gloo(gpu, torchrun):
 def test_torchrun_with_a_numbered_gpu_is_a_user_error(gpu, torchrun):
     with pytest.raises(UserError) as error:
         init_processes("cuda:0")
-    one_line_error(error, "--device cuda:0", "LOCAL_RANK")
+    one_line(error, "--device cuda:0", "LOCAL_RANK")
     assert torchrun.calls == [] and gpu.set_device.calls == []
 
 
@@ -340,7 +333,7 @@ def out_of_memory(device: torch.device) -> pytest.ExceptionInfo:
 def test_out_of_memory_on_cuda_is_one_line_with_free_memory(monkeypatch):
     mem_get_info = recorder((1 * GiB, 80 * GiB))
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
-    one_line_error(out_of_memory(CUDA0), "cuda:0", "1.0 of 80.0 GiB free", "training batches of 32x384",
+    one_line(out_of_memory(CUDA0), "cuda:0", "1.0 of 80.0 GiB free", "training batches of 32x384",
                    "lower --batch-size")
     assert mem_get_info.calls == [(CUDA0,)]
 
@@ -348,7 +341,7 @@ def test_out_of_memory_on_cuda_is_one_line_with_free_memory(monkeypatch):
 def test_out_of_memory_on_cpu_is_one_line(monkeypatch):
     mem_get_info = recorder((1 * GiB, 80 * GiB))
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
-    message = one_line_error(out_of_memory(CPU), "cpu", "training batches of 32x384", "lower --batch-size")
+    message = one_line(out_of_memory(CPU), "cpu", "training batches of 32x384", "lower --batch-size")
     assert "GiB" not in message and mem_get_info.calls == []
 
 

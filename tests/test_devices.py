@@ -259,26 +259,15 @@ def test_a_mask_left_on_the_cpu_is_caught(device, tiny_model_dir, tmp_path, monk
             first_step(run, args)
 
 
-def test_labels_left_on_the_cpu_are_caught(device, tiny_t5_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task, key", [("seq2seq", "labels"), ("clm", "target_positions")],
+                         ids=["labels", "an index"])
+def test_labels_or_an_index_left_on_the_cpu_are_caught(device, request, tmp_path, monkeypatch, task, key):
     import engine.device
 
     real_to_device = engine.device.to_device
-    monkeypatch.setattr(train, "to_device", lambda batch, device: {
-        **real_to_device(batch, device), "labels": batch["labels"]})
+    monkeypatch.setattr(train, "to_device", lambda batch, device: {**real_to_device(batch, device), key: batch[key]})
     with on_fake_device():
-        args, run = setup_on_device(run_args(tiny_t5_dir, tmp_path, "seq2seq"), device)
-        with pytest.raises(FakeTensorDeviceMismatchError, match="fakegpu:0 and cpu"):
-            first_step(run, args)
-
-
-def test_an_index_left_on_the_cpu_is_caught(device, tiny_llama_dir, tmp_path, monkeypatch):
-    import engine.device
-
-    real_to_device = engine.device.to_device
-    monkeypatch.setattr(train, "to_device", lambda batch, device: {
-        **real_to_device(batch, device), "target_positions": batch["target_positions"]})
-    with on_fake_device():
-        args, run = setup_on_device(run_args(tiny_llama_dir, tmp_path, "clm"), device)
+        args, run = setup_on_device(run_args(request.getfixturevalue(TASKS[task][0]), tmp_path, task), device)
         with pytest.raises(FakeTensorDeviceMismatchError, match="fakegpu:0 and cpu"):
             first_step(run, args)
 

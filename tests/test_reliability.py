@@ -15,18 +15,10 @@ import torch
 import predict
 import train
 from bench.kill_soak import differences, run_with_kills
-from conftest import PREDICT_FLAGS, tiny_args, tiny_run, training_state, weights
+from conftest import PREDICT_FLAGS, one_line, tiny_args, tiny_run, training_state, weights
 from engine.checkpoint import MANIFEST, output_directory_lock, verified_checkpoint
 from engine.errors import UserError
 from qa.task import QATask
-
-
-def one_line(error: pytest.ExceptionInfo, *must_mention: str) -> str:
-    message = str(error.value)
-    assert "\n" not in message, message
-    for text in must_mention:
-        assert text in message, f"{text!r} not in {message!r}"
-    return message
 
 
 def test_run_killed_while_evaluating_and_while_saving_ends_bit_identical(tiny_model_dir, tmp_path):
