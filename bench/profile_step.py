@@ -140,7 +140,7 @@ def eval_batches(run, batch_size: int) -> list[list[int]]:
 
 
 def time_train_steps(run, args, batches: list[list[int]], warmup: int) -> Calls:
-    """train.py's step on each batch; like train.py's train_seconds, collation is not timed."""
+    """train.py's step on each batch; collation (which train.py does ahead, in a thread) is not timed."""
     calls, lengths = Calls(warmup), run.task.train_set.lengths
     for batch in batches:
         micro_batches, _ = train.micro_batches_of_step(run, batch, args.batch_size)
