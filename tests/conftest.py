@@ -19,6 +19,15 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
+
+def pytest_configure(config):
+    """The fake accelerator of tests/test_devices.py, registered before any test runs: the autograd
+    engine sizes its per-device queues at its first backward pass, so a device registered after
+    that cannot run one."""
+    from fake_accelerator import register
+
+    register()
+
 SAMPLES = ROOT / "data" / "samples"
 TRAIN_SAMPLE = SAMPLES / "squad_train.json"
 # A short generative run on the tiny models, and predict.py pinned to the same device and precision.
