@@ -376,11 +376,11 @@ def train_step(run, micro_batches: list[dict], max_grad_norm: float, stop_reques
     up and shared. Gradients are synchronised once, in the last backward pass.
 
     The host reads the device once, at the end: the loss, the gradient norm and whether any process
-    was asked to stop (`stop_requested()`, asked as the step ends), together. Nothing is read per micro-batch, so on a GPU the host queues the
-    whole step without waiting for it. The weights are updated unless the loss or the gradients are
-    not finite (one NaN through AdamW would poison every weight); with fp16 that is also the grad
-    scaler's overflow check (its unscaled gradients are then inf), and the scaler lowers its scale
-    as it would have."""
+    was asked to stop (`stop_requested()`, asked as the step ends), together. Nothing is read per
+    micro-batch, so on a GPU the host queues the whole step without waiting for it. The weights are
+    updated unless the loss or the gradients are not finite (one NaN through AdamW would poison
+    every weight); with fp16 that is also the grad scaler's overflow check (its unscaled gradients
+    are then inf), and the scaler lowers its scale as it would have."""
     run.model.train()
     # Counted on the host, from the batches before they are copied: no read of the device.
     targets = targets_over_ranks(sum(run.task.count_targets(b) for b in micro_batches if STAND_IN not in b))
