@@ -21,6 +21,7 @@ from engine.checkpoint import find_checkpoint, load_run_config, verified_checkpo
 from engine.device import configure_device, out_of_memory_as_error, pick_device, pick_precision
 from engine.errors import UserError, run_cli
 from models.backbones import load_tokenizer
+from models.attention import AUTO, choose_attention, is_decoder_only, set_attention
 from models.transfer import load_trained_model
 from qa.metrics import squad_scores
 from qa.styles import make_qa
@@ -133,9 +134,10 @@ def main(argv=None) -> None:
     examples = None if generating else read_examples(args)  # the user's input is checked before the slow loading
     settings, tokenizer, model = load_checkpoint(args, generating)
     device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
+    precision, _ = pick_precision(args.precision, device)
     configure_device(device)
     model = model.to(device)
+    set_attention(model, choose_attention(AUTO, device, precision, is_decoder_only(model))[0])
     if generating:
         generate(args, tokenizer, model, device, precision)
         return

@@ -41,7 +41,10 @@ from engine.distributed import (another_process_failed, clip_grad_norm, close_pr
                                 targets_over_ranks, unwrap, world_size, wrap_model)
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
+from models.attention import CHOICES as ATTENTION_CHOICES
+from models.attention import choose_attention, is_decoder_only, set_attention
 from models.backbones import count_parameters, load_model, resolve_model
+from models.dropout import use_mask_dropout
 from models.transfer import (FREEZABLE, add_lora, enable_activation_checkpointing, freeze, is_lora, load_trained_model,
                              transformer_blocks)
 from qa.task import QATask
@@ -200,7 +203,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "(default: OUTPUT_DIR/latest)")
     run.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), or cpu, cuda, cuda:1, mps")
     run.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                     help="autocast precision; auto: bf16 on GPUs that support it and on CPUs with AMX, fp16 on older GPUs, else fp32")
+                     help="autocast precision; auto: bf16 on GPUs that support it, fp16 on older GPUs; on a CPU, bf16 "
+                          "where it was measured faster than fp32 on that kind of CPU (the log says why)")
+    run.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                     help="attention kernel: sdpa (torch's scaled_dot_product_attention), sdpa-fp32 (the same in fp32 "
+                          "inside a bf16 step), eager; auto: sdpa-fp32 on a CPU in bf16, where it is faster, else sdpa")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model (dynamic shapes) for training and evaluation; off by default: on "
                           "a 2-core CPU, MiniLM steps ran about 1.1x faster once compiled, after 20 s to 3 min of "
@@ -256,7 +263,7 @@ def setup(args, device: torch.device):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same on every process: a fresh head starts the same everywhere
-    precision = pick_precision(args.precision, device)
+    precision, precision_reason = pick_precision(args.precision, device)
     configure_device(device)
     if args.fsdp and precision == "fp16":
         raise UserError("--fsdp with --precision fp16 is not supported (its loss scaling would need the sharded "
@@ -272,6 +279,7 @@ def setup(args, device: torch.device):
         model = build_model(args, base_model, resume_from, task.settings).to(device)
         if resume_from:
             saved = load_training_state(resume_from)
+    kernels = choose_kernels(model, args, device, precision)
     if args.compile:
         model.compile(dynamic=True)  # in place: parameter names, and so checkpoints, stay as they are
     trainable, total = count_parameters(model)
@@ -309,8 +317,9 @@ def setup(args, device: torch.device):
         state = TrainingState(**saved["state"])
         log.info("resumed from %s at step %d (epoch %d)", resume_from, state.step, state.epoch + 1)
 
-    log.info("model %s: %.1fM parameters, %.2fM trainable (%.2f%%); device %s, precision %s",
-             args.model, total / 1e6, trainable / 1e6, 100 * trainable / total, device, precision)
+    log.info("model %s: %.1fM parameters, %.2fM trainable (%.2f%%); device %s", args.model, total / 1e6,
+             trainable / 1e6, 100 * trainable / total, device)
+    log.info("precision %s (%s); %s", precision, precision_reason, kernels)
     log.info("%s; %d optimizer steps of %d (global batch: %d per micro-batch x %d micro-batches x %d processes%s), "
              "lr %.0e", task.description, total_steps, args.global_batch, args.batch_size, args.grad_accum_steps,
              world_size(), ", FSDP" if args.fsdp else "", args.learning_rate)
@@ -334,6 +343,16 @@ def build_model(args, base_model: str, resume_from: Path | None, settings: dict)
     if args.lora and not is_lora(model):
         model = add_lora(model, settings["model_kind"], args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     return model
+
+
+def choose_kernels(model, args, device: torch.device, precision: str) -> str:
+    """The attention kernel and the dropout for this device and precision; says what it chose."""
+    choice, why = choose_attention(args.attention, device, precision, is_decoder_only(model))
+    running = set_attention(model, choice)
+    attention = f"attention {choice} ({why})" if running == choice.replace("-", "_") else \
+        f"attention {running} (the model cannot switch to {choice})"
+    replaced = use_mask_dropout(model, device, args.compile)
+    return attention + (f"; {replaced} dropout layers draw masks with models/dropout.py" if replaced else "")
 
 
 def _setting(name: str, saved, now) -> str:

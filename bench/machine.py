@@ -4,29 +4,17 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from engine.device import cpuinfo_field
 
 # (name in reports, /proc/cpuinfo flag) of the vector extensions below AMX, fastest first
 VECTOR_FEATURES = (("AVX512-BF16", "avx512_bf16"), ("AVX512F", "avx512f"), ("AVX2", "avx2"))
 
 
-def _cpuinfo_field(name: str) -> str | None:
-    """The first value of a /proc/cpuinfo field (None off Linux or when the field is absent)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return None
-
-
 def cpu_flags() -> set[str]:
-    return set((_cpuinfo_field("flags") or "").split())
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def has_amx() -> bool:
@@ -40,7 +28,7 @@ def cpu_description() -> str:
     import transformers
 
     flags, amx = cpu_flags(), has_amx()
-    name = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    name = cpuinfo_field("model name") or platform.processor() or platform.machine()
     present = ["AMX"] * amx + [label for label, flag in VECTOR_FEATURES if flag in flags]
     absent = [label for label, missing in (("AVX2", "avx2" not in flags), ("AVX512", "avx512f" not in flags),
                                            ("AMX", not amx)) if missing]

@@ -1,7 +1,7 @@
 """Text generation from a causal LM checkpoint: sampling or greedy, streamed to the terminal."""
 import torch
 
-from engine.device import autocast
+from engine.device import autocast_for_pass
 
 
 def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
@@ -23,7 +23,7 @@ def generate_text(model, tokenizer, ids: list[int], settings: dict, device, prec
     torch.manual_seed(settings["seed"])
     input_ids = torch.tensor([ids]).to(device, non_blocking=True)
     sampling = {k: settings[k] for k in ("temperature", "top_k", "top_p")} if settings["do_sample"] else {}
-    with autocast(device, precision):
+    with autocast_for_pass(model, device, precision):
         output = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=settings["max_new_tokens"],
             do_sample=settings["do_sample"], num_return_sequences=settings["num_return_sequences"],

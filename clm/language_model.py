@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from data.batching import PadToLongest, longest_first_batches
 from data.text_blocks import GroupedTextBlocks
-from engine.device import autocast, pins_memory, to_device
+from engine.device import autocast_for_pass, pins_memory, to_device
 from engine.distributed import gather_to_main, is_main, shard_indices
 from models.lm_head_loss import final_hidden_states, lm_head_loss
 
@@ -36,11 +36,11 @@ def perplexity(model, blocks: GroupedTextBlocks, pad_token_id: int, device, prec
     loader = DataLoader(blocks, batch_sampler=[batches[i] for i in mine], collate_fn=PadToLongest(pad_token_id),
                         pin_memory=pins_memory(device))
     sums = {}  # batch index -> (NLL, targets)
-    for index, batch in zip(mine, tqdm(loader, desc="evaluate", unit="batch", leave=False,
-                                       disable=len(mine) < 4 or not is_main())):
-        targets = count_targets(batch)  # on the host, before the copy
-        batch = to_device(batch, device)
-        with autocast(device, precision):
+    with autocast_for_pass(model, device, precision):
+        for index, batch in zip(mine, tqdm(loader, desc="evaluate", unit="batch", leave=False,
+                                           disable=len(mine) < 4 or not is_main())):
+            targets = count_targets(batch)  # on the host, before the copy
+            batch = to_device(batch, device)
             sums[index] = (next_token_loss(model, batch).item(), targets)
     gathered = gather_to_main(sums)
     if gathered is None:

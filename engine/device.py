@@ -11,7 +11,9 @@ the CUDA path is one short file to read, and a test can stand in for a GPU by mo
 - what an out-of-memory error tells the user.
 """
 import contextlib
+import ctypes
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,9 +65,12 @@ def collective_device(backend: str) -> torch.device:
 
 
 def configure_device(device: torch.device) -> None:
-    """TF32 for fp32 matrix products and convolutions on CUDA (Ampere and later): about 8x the fp32
-    rate with a 10-bit mantissa, the precision of bf16 autocast's inputs, with fp32 accumulation.
-    It matters where fp32 matmuls remain: --precision fp32, and the fp32 islands of autocast."""
+    """On the CPU, `keep_freed_memory`. On CUDA (Ampere and later), TF32 for fp32 matrix products
+    and convolutions: about 8x the fp32 rate with a 10-bit mantissa, the precision of bf16
+    autocast's inputs, with fp32 accumulation. It matters where fp32 matmuls remain: --precision
+    fp32, and the fp32 islands of autocast."""
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         # The classic switches: torch 2.13's finer `fp32_precision` settings would make its classic
         # getters, which torch.compile still calls, raise for mixing the two interfaces.
@@ -73,26 +78,76 @@ def configure_device(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX tiles: bf16 matmuls then run several times faster than fp32.
 
-    AVX512-BF16 alone is not enough: on a 2-core AVX512-BF16 Xeon without AMX, bf16 autocast
-    measured 1.3x slower than fp32 for MiniLM training and 1.4x slower for inference.
-    """
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep large freed blocks in the process instead of returning them to the
+    system; False where the C library is not glibc.
+
+    By default glibc maps every block over 32 MB afresh and unmaps it when freed, and gives the
+    top of its heap back past a threshold. A training step frees and reallocates the same large
+    tensors every step (a word-embedding gradient, activations, attention gradients), so each time
+    the kernel faults in and zeroes their pages again: `fill_` of MiniLM's 30522 x 384 embedding
+    gradient took 43 ms, and the fp32 MiniLM step ran 10-17% faster with this on an AMD EPYC
+    (bench/results/profile_step.md). The process's peak memory is unchanged; it does not shrink
+    after the peak."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers, from malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
-def pick_precision(requested: str, device: torch.device) -> str:
-    """Resolve `auto`: bf16 where the hardware runs it fast, fp16 on GPUs without bf16, else fp32."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first value of a /proc/cpuinfo field (None off Linux or when the field is absent)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+AMX, AMD_BF16, INTEL_BF16, NO_BF16 = ("CPU with AMX", "AMD CPU with AVX512-BF16", "Intel CPU with AVX512-BF16 and no AMX",
+                                      "CPU without bf16 instructions")
+# bf16 autocast against fp32 on each kind of CPU, as measured by bench/profile_step.py (2 cores, train.py's
+# step): --precision auto takes bf16 only where it was measured faster, for training and evaluation.
+CPU_BF16_MEASURED = {
+    AMX: (False, "bf16 trained at 0.97x fp32's speed on an AMX Xeon (MiniLM QA, before fp32 attention and mask "
+                 "dropout); --precision bf16 to try it"),
+    AMD_BF16: (True, "bf16 steps ran 1.2x (MiniLM QA) and 1.5x (SmolLM2 CLM) as fast as fp32 on an AMD EPYC"),
+    INTEL_BF16: (False, "bf16 trained at 0.77x fp32's speed on a Xeon without AMX (MiniLM QA)"),
+    NO_BF16: (False, "bf16 is emulated there"),
+}
+
+
+def cpu_kind() -> str:
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return AMX
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return AMD_BF16 if cpuinfo_field("vendor_id") == "AuthenticAMD" else INTEL_BF16
+    return NO_BF16
+
+
+def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """(precision, why): `auto` is bf16 on GPUs that have it, fp16 on older GPUs, and on a CPU bf16
+    only where it was measured faster than fp32 on that kind of CPU."""
     if requested != "auto":
         if requested == "fp16" and device.type != "cuda":
             raise UserError("--precision fp16 needs a CUDA device (use bf16 or fp32 here)")
-        return requested
+        return requested, "as requested"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return "bf16"
-    return "fp32"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "the GPU supports bf16"
+        return "fp16", "the GPU has no bf16; fp16 with loss scaling"
+    if device.type != "cpu":
+        return "fp32", f"autocast is not tuned for {device.type}"
+    kind = cpu_kind()
+    faster, measured = CPU_BF16_MEASURED[kind]
+    return ("bf16" if faster else "fp32"), f"{kind}: {measured}"
 
 
 def autocast(device: torch.device, precision: str):
@@ -101,6 +156,28 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def autocast_for_pass(model: torch.nn.Module, device: torch.device, precision: str):
+    """autocast around a whole evaluation or generation pass, casting each weight once for it.
+
+    autocast keeps its casts of tensors that require grad until its outermost context exits, so one
+    context around the pass casts each weight once instead of at every forward pass (at every
+    generated token). Frozen weights (LoRA's base model, frozen layers) are marked as requiring
+    grad for the pass, which computes no gradients, so that their casts are kept too."""
+    if precision == "fp32":
+        yield
+        return
+    frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad]
+    try:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        with torch.no_grad(), autocast(device, precision):
+            yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

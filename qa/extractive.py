@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from data.batching import PadToLongest, longest_first_batches
 from data.qa_features import SquadFeatures
-from engine.device import autocast, pins_memory, to_device
+from engine.device import autocast_for_pass, pins_memory, to_device
 from engine.distributed import gather_to_main, is_main, shard_indices
 from qa.postprocess import predict_spans
 
@@ -56,12 +56,12 @@ def window_logits(model, features: SquadFeatures, batch_size: int, device, preci
                         pin_memory=pins_memory(device))
     computed = []
     progress = tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main())
-    for rows, batch in zip(mine, progress):  # the loader collates each list of rows in its order
-        batch = to_device({k: v for k, v in batch.items() if k in MODEL_INPUTS}, device)
-        with autocast(device, precision):
+    with autocast_for_pass(model, device, precision):
+        for rows, batch in zip(mine, progress):  # the loader collates each list of rows in its order
+            batch = to_device({k: v for k, v in batch.items() if k in MODEL_INPUTS}, device)
             start, end = val_step(model, batch)
-        start, end = torch.stack([start, end]).cpu().numpy()  # one copy to the host per batch
-        computed.append((rows, start, end))
+            start, end = torch.stack([start, end]).cpu().numpy()  # one copy to the host per batch
+            computed.append((rows, start, end))
     gathered = gather_to_main(computed)
     if gathered is None:
         return None

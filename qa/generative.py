@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from data.batching import PadToLongest, longest_first_batches
 from data.generative_features import GenerativeQAFeatures
-from engine.device import autocast, pins_memory, to_device
+from engine.device import autocast_for_pass, pins_memory, to_device
 from engine.distributed import gather_to_main, is_main, is_sharded, shard_indices
 from models.lm_head_loss import final_hidden_states, lm_head_loss
 
@@ -87,21 +87,21 @@ class GenerativeQA:
         synced = is_sharded(model)
         generated_here = []
         progress = tqdm(loader, desc="generate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main())
-        for windows, batch in zip(mine, progress):  # the loader collates each list of windows in its order
-            prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, device)
-            with autocast(device, precision):
+        with autocast_for_pass(model, device, precision):
+            for windows, batch in zip(mine, progress):  # the loader collates each list of windows in its order
+                prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, device)
                 output = model.generate(
                     **prompts,
                     max_new_tokens=self.settings["max_answer_tokens"], num_beams=self.settings["num_beams"],
                     do_sample=False, eos_token_id=eos, pad_token_id=features.pad_token_id,
                     output_scores=True, return_dict_in_generate=True, synced_gpus=synced,
                 )
-            tokens, logprobs = token_log_probabilities(model, output, self.settings["num_beams"])
-            generated, logprobs = tokens.tolist(), logprobs.float().tolist()
-            for window, tokens, token_logprobs in zip(windows, generated, logprobs):
-                length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-                text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
-                generated_here.append(GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window))
+                tokens, logprobs = token_log_probabilities(model, output, self.settings["num_beams"])
+                generated, logprobs = tokens.tolist(), logprobs.float().tolist()
+                for window, tokens, token_logprobs in zip(windows, generated, logprobs):
+                    length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+                    text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
+                    generated_here.append(GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window))
         gathered = gather_to_main(generated_here)
         if gathered is None:
             return None

@@ -13,6 +13,8 @@ run for real by bench/gpu_check.sh, on a machine with a GPU.
 import io
 import random
 import re
+import resource
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +86,7 @@ def test_more_torchrun_processes_than_gpus_is_a_user_error(gpu):
 @pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_precision_on_cuda(monkeypatch, bf16_supported, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
-    assert seam.pick_precision("auto", CUDA) == expected
+    assert seam.pick_precision("auto", CUDA)[0] == expected
 
 
 @pytest.mark.parametrize("precision, scaling", [("fp16", True), ("bf16", False), ("fp32", False)])
@@ -103,17 +105,61 @@ def test_fp16_off_cuda_is_a_user_error(device):
     one_line(error, "fp16", "CUDA")
 
 
-@pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_on_cpu_follows_fast_bf16(monkeypatch, fast_bf16, expected):
-    monkeypatch.setattr(seam, "cpu_has_fast_bf16", lambda: fast_bf16)
-    assert seam.pick_precision("auto", CPU) == expected
+@pytest.mark.parametrize("kind, expected", [(seam.AMD_BF16, "bf16"), (seam.AMX, "fp32"), (seam.INTEL_BF16, "fp32"),
+                                            (seam.NO_BF16, "fp32")])
+def test_auto_precision_on_cpu_is_bf16_only_where_measured_faster(monkeypatch, kind, expected):
+    monkeypatch.setattr(seam, "cpu_kind", lambda: kind)
+    precision, why = seam.pick_precision("auto", CPU)
+    assert precision == expected
+    assert why.startswith(kind)  # the log line names the kind of CPU, then what was measured there
+
+
+@pytest.mark.parametrize("amx, bf16_instructions, vendor, expected", [
+    (True, True, "GenuineIntel", seam.AMX), (False, True, "AuthenticAMD", seam.AMD_BF16),
+    (False, True, "GenuineIntel", seam.INTEL_BF16), (False, False, "AuthenticAMD", seam.NO_BF16)])
+def test_cpu_kind_from_the_instructions_and_the_vendor(monkeypatch, amx, bf16_instructions, vendor, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_instructions)
+    monkeypatch.setattr(seam, "cpuinfo_field", lambda name: vendor if name == "vendor_id" else None)
+    assert seam.cpu_kind() == expected
 
 
 def test_requested_precision_is_kept(monkeypatch):
-    monkeypatch.setattr(seam, "cpu_has_fast_bf16", lambda: False)
-    assert seam.pick_precision("bf16", CPU) == "bf16"
-    assert seam.pick_precision("fp16", CUDA) == "fp16"
-    assert seam.pick_precision("fp32", CUDA) == "fp32"
+    monkeypatch.setattr(seam, "cpu_kind", lambda: seam.NO_BF16)
+    assert seam.pick_precision("bf16", CPU) == ("bf16", "as requested")
+    assert seam.pick_precision("fp16", CUDA)[0] == "fp16"
+    assert seam.pick_precision("fp32", CUDA)[0] == "fp32"
+
+
+def weight_casts(model, passes: int, per_pass: bool) -> tuple[int, torch.Tensor]:
+    """Casts of the model's 64 x 64 weights over `passes` forward passes, and the last output."""
+    from torch.profiler import profile
+
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    with profile(record_shapes=True) as profiler:
+        if per_pass:
+            with seam.autocast_for_pass(model, CPU, "bf16"):
+                outputs = [model(x) for _ in range(passes)]
+        else:
+            with torch.no_grad():
+                outputs = []
+                for _ in range(passes):
+                    with seam.autocast(CPU, "bf16"):
+                        outputs.append(model(x))
+    casts = sum(1 for e in profiler.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [[64, 64]])
+    return casts, outputs[-1]
+
+
+def test_a_pass_casts_each_weight_once_frozen_ones_too():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    model[0].requires_grad_(False)  # a frozen layer, as LoRA's base model
+    per_batch_casts, per_batch_output = weight_casts(model, 5, per_pass=False)
+    pass_casts, pass_output = weight_casts(model, 5, per_pass=True)
+    assert per_batch_casts == 15 and pass_casts == 3
+    assert torch.equal(per_batch_output, pass_output) and pass_output.dtype == torch.bfloat16
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True, True, True]
+    assert weight_casts(model, 2, per_pass=True)[0] == 3  # the next pass casts again: the weights may have changed
 
 
 # --- 3. Under torchrun: each process's device and backend ---
@@ -397,3 +443,23 @@ def test_the_scan_finds_cuda_uses(tmp_path):
     planted = tmp_path / "planted.py"
     planted.write_text("import torch\n\nmodel = model.cuda()\nfrom torch import cuda\n", encoding="utf-8")
     assert cuda_uses([planted]) == [f"{planted}:3: model = model.cuda()", f"{planted}:4: from torch import cuda"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_freed_cpu_memory_is_reused_without_faulting_its_pages_in_again():
+    """What a training step does to its largest tensors (MiniLM's 47 MB embedding gradient): free
+    and allocate the same size again. By default glibc unmaps such a block and every new one is
+    faulted in and zeroed page by page; once the process keeps freed memory it is reused."""
+    def page_faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def allocate_and_fill() -> None:
+        torch.empty(12 << 20).fill_(1.0)  # 48 MB: above glibc's largest automatic mmap threshold
+
+    assert seam.keep_freed_memory()
+    for _ in range(20):  # glibc settles the heap's layout over the first few
+        allocate_and_fill()
+    before = page_faults()
+    for _ in range(5):
+        allocate_and_fill()
+    assert page_faults() - before < (12 << 20) * 4 // resource.getpagesize() // 10

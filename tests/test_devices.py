@@ -111,7 +111,7 @@ def test_training_step_and_evaluation_on_the_device(device, request, tmp_path, t
 def test_fp16_step_takes_the_scaler_and_fused_adamw_branches(device, tiny_model_dir, tmp_path, monkeypatch):
     """fp16 as on a GPU without bf16: the scaler scales, unscales into the fused AdamW and updates its
     scale, all on the device, and the step still reads the host once."""
-    monkeypatch.setattr(train, "pick_precision", lambda requested, device: "fp16")
+    monkeypatch.setattr(train, "pick_precision", lambda requested, device: ("fp16", "as a test"))
     with on_fake_device() as reads:
         args, run = setup_on_device(tiny_args(tiny_model_dir, tmp_path), device)
         assert run.scaler.is_enabled()
