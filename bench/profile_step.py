@@ -1,8 +1,8 @@
 """Benchmark: where the time of one training step goes, and what torch.compile gives.
 
-    python bench/profile_step.py [--steps 3] [--workloads qa,clm] [--no-compile]
+    python bench/profile_step.py [--steps 3] [--workloads qa,clm] [--precisions fp32,bf16] [--no-compile]
 
-Two workloads on the CPU in fp32, each built by train.py's own `parse_args` and `setup` (model, data,
+Two workloads on the CPU, each in each precision (fp32, and bf16 autocast), each built by train.py's own `parse_args` and `setup` (model, data,
 AdamW, schedule) and stepped by its own `micro_batches_of_step` and `train_step`, so that what is
 measured is the training loop's step, not a copy of it:
 
@@ -24,7 +24,10 @@ sequence lengths vary from step to step as in training. For each workload:
    (the warm-up calls, and any later call with a new shape) is left out of the median; its excess
    over the median is reported as compile time. A compile failure (it needs a C++ compiler) is
    reported in the table, not raised.
-3. Model FLOP/s of every row, against the fp32 matmul peak measured here (square torch.mm).
+3. Model FLOP/s of every row, against the matmul peak of its precision measured here (square torch.mm).
+
+A summary per workload puts the precisions side by side: step and evaluation pass, speed over fp32,
+share of the precision's peak, and the share of the step spent drawing dropout masks.
 
 Writes a Markdown report to stdout and to `--report`. Timings on a machine shared with other work
 are not worth reporting: run it alone.
@@ -53,9 +56,9 @@ from bench.machine import cpu_description, matmul_parameters, matmul_peak_flops,
 from bench.qa_squad import write_report  # noqa: E402
 from clm.language_model import next_token_loss  # noqa: E402
 from data.batching import longest_first_batches, step_plan  # noqa: E402
+from engine.device import autocast_for_pass  # noqa: E402
 from qa.extractive import val_step  # noqa: E402
 
-COMMON_FLAGS = ["--device", "cpu", "--precision", "fp32"]
 COMPILE_MODES = {"compiled": {}, "compiled, dynamic=True": {"dynamic": True}}
 # Self time of these ops is the matrix-multiply and attention work; everything else is elementwise
 # ops, norms, softmax, copies, the optimizer, collation and Python.
@@ -63,6 +66,9 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::ad
 ATTENTION_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention")
 STEP_LABEL, COLLATE_LABEL = "bench: step", "bench: collate"
 OPTIMIZER_STEP = "Optimizer.step#AdamW.step"
+# Drawing dropout masks: torch's own dropout (`bernoulli_`), or models/dropout.py's labelled draw.
+DROPOUT_EVENTS = ("aten::bernoulli_", "dropout mask")
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOP_OPS = 12
 
 
@@ -164,8 +170,9 @@ def time_eval_passes(run, eval_forward, batches: list[list[int]], passes: int, w
     for _ in range(passes):
         graphs = compiled_graphs()
         started = time.perf_counter()
-        for batch in inputs:
-            eval_forward(run.model, batch)
+        with autocast_for_pass(run.model, run.device, run.precision):  # as the evaluation runs it
+            for batch in inputs:
+                eval_forward(run.model, batch)
         calls.seconds.append(time.perf_counter() - started)
         calls.new_graphs.append(compiled_graphs() - graphs)
         calls.tokens.append(int(all_lengths.sum()))
@@ -181,6 +188,7 @@ class Profile:
     optimizer: float
     collate: float
     backward: float
+    dropout: float
 
 
 def is_matmul(name: str) -> bool:
@@ -212,6 +220,7 @@ def profile_steps(run, args, batches: list[list[int]]) -> Profile:
         optimizer=total.get(OPTIMIZER_STEP, 0.0) / wall,
         collate=total.get(COLLATE_LABEL, 0.0) / wall,
         backward=backward / wall,
+        dropout=sum(total.get(name, 0.0) for name in DROPOUT_EVENTS) / wall,
     )
 
 
@@ -236,9 +245,9 @@ def measure(run, train_args, workload: Workload, train_batches, evaluation_batch
     return results
 
 
-def run_workload(name: str, workload: Workload, args, directory: Path) -> tuple[dict, Profile, dict]:
+def run_workload(name: str, workload: Workload, precision: str, args, directory: Path) -> tuple[dict, Profile, dict]:
     """(what was run, the eager profile, {mode: {phase: Calls or error}})."""
-    argv = [*workload.flags, *COMMON_FLAGS, "--output-dir", str(directory / name),
+    argv = [*workload.flags, "--device", "cpu", "--precision", precision, "--output-dir", str(directory / name),
             "--cache-dir", str(directory / "token-cache")]
     train_args = train.parse_args(argv)
     run = train.setup(train_args, torch.device("cpu"))
@@ -246,12 +255,12 @@ def run_workload(name: str, workload: Workload, args, directory: Path) -> tuple[
     train_batches = step_batches(run, count)
     evaluation_batches = eval_batches(run, train_args.eval_batch_size)
     modes = {"eager": measure(run, train_args, workload, train_batches, evaluation_batches, args)}
-    print(f"{name}: eager measured, profiling", file=sys.stderr)
+    print(f"{name}, {precision}: eager measured, profiling", file=sys.stderr)
     step_profile = profile_steps(run, train_args, train_batches[args.warmup:])
     if not args.no_compile:
         for mode, options in COMPILE_MODES.items():
             torch._dynamo.reset()
-            print(f"{name}: {mode}", file=sys.stderr)
+            print(f"{name}, {precision}: {mode}", file=sys.stderr)
             run.model.compile(**options)
             modes[mode] = measure(run, train_args, workload, train_batches, evaluation_batches, args)
     lengths = run.task.train_set.lengths
@@ -264,6 +273,7 @@ def run_workload(name: str, workload: Workload, args, directory: Path) -> tuple[
                 "longest first: " + ", ".join(f"{len(b)} x {int(run.task.eval_set.lengths[b].max())} tokens"
                                               for b in evaluation_batches),
         "parameters": matmul_parameters(run.model),
+        "attention": run.model.config._attn_implementation,
     }
     del run
     gc.collect()
@@ -282,7 +292,7 @@ def profile_lines(p: Profile) -> list[str]:
         f"Eager step under the profiler: {step:.2f} s per step, collation included. Matrix multiplies and attention "
         f"kernels {part(p.matmul)}; `optimizer.step` {part(p.optimizer)}; collation {part(p.collate)}; everything "
         f"else (elementwise ops, norms, softmax and loss, copies, autograd and Python) {part(other)}. The backward "
-        f"pass (autograd nodes) takes {part(p.backward)}.",
+        f"pass (autograd nodes) takes {part(p.backward)}; drawing dropout masks {part(p.dropout)}.",
         "",
         "| op | self CPU s per step | share of step | matmul/attention |",
         "|---|---|---|---|",
@@ -292,8 +302,8 @@ def profile_lines(p: Profile) -> list[str]:
     ]
 
 
-def compile_lines(modes: dict, peak: float) -> list[str]:
-    lines = ["| mode | phase | median s per call | tokens/s | speed vs eager | model GFLOP/s | share of fp32 matmul peak "
+def compile_lines(modes: dict, peak: float, precision: str) -> list[str]:
+    lines = [f"| mode | phase | median s per call | tokens/s | speed vs eager | model GFLOP/s | share of {precision} matmul peak "
              "| compile s | graphs compiled | calls that compiled |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, phases in modes.items():
@@ -324,21 +334,41 @@ def cxx_compiler() -> str:
         return "none found"
 
 
+def summary_lines(results: dict, peaks: dict) -> list[str]:
+    """The precisions side by side: {precision: (profile, modes)} of one workload, eager."""
+    lines = ["| precision | attention | train step s | speed vs fp32 | share of its matmul peak | eval pass s "
+             "| speed vs fp32 | dropout masks, share of step |",
+             "|---|---|---|---|---|---|---|---|"]
+    fp32 = results.get("fp32")
+
+    def speed(phase: str, calls: Calls) -> str:
+        return f"{fp32[2]['eager'][phase].median() / calls.median():.2f}x" if fp32 else "-"
+
+    for precision, (info, step_profile, modes) in results.items():
+        step, evaluation = modes["eager"]["train step"], modes["eager"]["eval pass"]
+        lines.append(f"| {precision} | {info['attention']} | {step.median():.3f} | {speed('train step', step)} | "
+                     f"{step.rate(step.flops) / peaks[precision]:.1%} | {evaluation.median():.3f} | "
+                     f"{speed('eval pass', evaluation)} | {step_profile.dropout:.1%} |")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3, help="timed (and profiled) calls per phase, after the warm-up")
     p.add_argument("--warmup", type=int, default=2, help="calls before timing; with torch.compile they compile")
     p.add_argument("--workloads", default="qa,clm", help="comma-separated subset of qa, clm")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated subset of fp32, bf16 (autocast)")
     p.add_argument("--clm-batch", type=int, default=8, help="blocks per clm step")
     p.add_argument("--clm-block", type=int, default=256, help="tokens per clm block")
     p.add_argument("--no-compile", action="store_true", help="eager only: no torch.compile rows")
     p.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "profile_step.md")
     args = p.parse_args()
     all_workloads = workloads(args)
-    names = args.workloads.split(",")
-    unknown = set(names) - set(all_workloads)
+    names, precisions = args.workloads.split(","), args.precisions.split(",")
+    unknown = set(names) - set(all_workloads) | set(precisions) - set(PEAK_DTYPES)
     if unknown:
-        sys.exit(f"error: unknown workloads {sorted(unknown)} (choose from {', '.join(all_workloads)})")
+        sys.exit(f"error: unknown workloads or precisions {sorted(unknown)} (choose from {', '.join(all_workloads)}; "
+                 f"{', '.join(PEAK_DTYPES)})")
     if args.steps < 1 or args.warmup < 1:
         sys.exit("error: --steps and --warmup must be at least 1")
     import transformers
@@ -346,27 +376,34 @@ def main():
     transformers.logging.set_verbosity_error()  # as train.py: a fresh span head is expected here
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
-    peak = matmul_peak_flops(torch.float32)
+    peaks = {precision: matmul_peak_flops(PEAK_DTYPES[precision]) for precision in precisions}
     lines = [
-        f"# Where a training step's time goes, and torch.compile ({time.strftime('%Y-%m-%d')})",
+        f"# Where a training step's time goes, per precision, and torch.compile ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {cpu_description()}; {torch.get_num_threads()} torch threads; C++ compiler: {cxx_compiler()}. "
-        f"Measured fp32 matmul peak (square torch.mm, 2048): {peak / 1e9:.1f} GFLOP/s.",
+        "Measured matmul peak (square torch.mm, 2048): "
+        + ", ".join(f"{precision} {peak / 1e9:.1f} GFLOP/s" for precision, peak in peaks.items()) + ".",
         "",
-        f"fp32 on the CPU, train.py's default settings otherwise. Per phase: {args.warmup} warm-up calls, then "
-        f"{args.steps} timed calls; medians are over the timed calls that compiled nothing. Training steps are "
-        "train.py's `train_step` (forward, backward, clipping, AdamW, schedule; not collation). Model FLOPs: 6 x "
-        "linear-layer parameters x tokens + 12 x layers x hidden x sequence length x tokens per training step "
-        "(real tokens, padding excluded), a third of that per token of an evaluation pass. Compile s: time of the calls "
-        "that compiled a graph, less the median.",
+        f"On the CPU, train.py's default settings otherwise (its attention and dropout choices included). Per phase: "
+        f"{args.warmup} warm-up calls, then {args.steps} timed calls; medians are over the timed calls that compiled "
+        "nothing. Training steps are train.py's `train_step` (forward, backward, clipping, AdamW, schedule; not "
+        "collation). Model FLOPs: 6 x linear-layer parameters x tokens + 12 x layers x hidden x sequence length x "
+        "tokens per training step (real tokens, padding excluded), a third of that per token of an evaluation pass, "
+        "read against the peak of the row's precision. Compile s: time of the calls that compiled a graph, less the "
+        "median.",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            workload = all_workloads[name]
-            info, step_profile, modes = run_workload(name, workload, args, Path(tmp))
+            workload, results = all_workloads[name], {}
+            for precision in precisions:
+                results[precision] = run_workload(name, workload, precision, args, Path(tmp))
+            info = results[precisions[0]][0]
             lines += ["", f"## {name}: {workload.title}", "",
                       f"{info['train']}; {info['eval']}. {info['parameters'] / 1e6:.1f}M parameters in linear layers.",
-                      "", *profile_lines(step_profile), "", *compile_lines(modes, peak)]
+                      "", *summary_lines(results, peaks)]
+            for precision, (_, step_profile, modes) in results.items():
+                lines += ["", f"### {name}, {precision}", "", *profile_lines(step_profile), "",
+                          *compile_lines(modes, peaks[precision], precision)]
     write_report(args.report, lines)
 
 
