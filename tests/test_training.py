@@ -337,3 +337,14 @@ def test_an_epoch_end_on_an_eval_step_evaluates_once_and_saves_the_next_epoch(ti
     assert evaluated_at == [5]
     state = training_state(tmp_path / "latest")["state"]
     assert (state["step"], state["epoch"], state["batches_done"]) == (5, 1, 0)
+
+
+@pytest.mark.parametrize("task, lora, parameters, expected", [
+    ("qa", False, 22.7e6, 3e-4),    # MiniLM: the sweep's best
+    ("clm", False, 134.5e6, 4e-4),  # SmolLM2-135M: the sweep's best
+    ("qa", False, 134.5e6, 3e-5),   # generative QA with SmolLM2: not swept, the usual full fine-tuning rate
+    ("clm", False, 1.2e9, 3e-5),
+    ("qa", True, 250e6, 3e-4),      # LoRA trains few, freshly initialised weights
+])
+def test_auto_learning_rate_follows_the_sweep(task, lora, parameters, expected):
+    assert train.auto_learning_rate(task, lora, parameters) == expected
