@@ -61,7 +61,10 @@ def test_chunked_loss_equals_full_logits_cross_entropy(tiny_llama_dir, monkeypat
     head_names = [n for n in gradients if "lm_head" in n or "embed_tokens" in n]
     assert bool(head_names) != lora  # LoRA freezes the head; full fine-tuning trains it
     for name in gradients:
-        torch.testing.assert_close(gradients[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        # The two losses sum in different orders: fp32 round-off scales with a tensor's largest values
+        # (1e-6 absolute on weights up to 1.3 on an AMD EPYC), not with each element.
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(gradients[name], expected[name], rtol=1e-5, atol=max(1e-6, 1e-5 * scale), msg=name)
 
 
 def test_chunked_loss_under_bf16_autocast_is_as_close_to_fp32_as_full_logits_are(tiny_llama_dir, monkeypatch):
