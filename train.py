@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -39,6 +40,7 @@ from engine.distributed import (another_process_failed, clip_grad_norm, close_pr
                                 full_model_state, gather_to_main, gradient_sync, held_state_mb, init_processes,
                                 is_distributed, is_main, load_optimizer_state, optimizer_state, rank, sum_over_ranks,
                                 targets_over_ranks, unwrap, world_size, wrap_model)
+from engine.config_file import CONFIG_FILE, config_argv, read_config, write_config
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
 from models.attention import CHOICES as ATTENTION_CHOICES
@@ -94,9 +96,12 @@ class ArgumentParser(argparse.ArgumentParser):
         super().error(message)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Fine-tune a pretrained Transformers model; see README.md.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path,
+                   help="YAML (or .json) file of flags (learning_rate: 3e-4); the command line overrides it. Every run "
+                        f"writes OUTPUT_DIR/{CONFIG_FILE}, which repeats it")
     p.add_argument("--task", choices=list(TASKS), default="qa",
                    help="qa: question answering on SQuAD-format data; clm: causal language modelling on plain text")
     p.add_argument("--model",
@@ -217,6 +222,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard weights, gradients and optimizer state across the processes (FSDP2) "
                           "instead of replicating the model in each (DDP)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config", type=Path)
+    config = config_only.parse_known_args(argv)[0].config
+    if config:  # the file's flags first: the command line's come later and win
+        argv = config_argv(p, read_config(config), config) + argv
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "max_seq_length", "n_best",
                  "max_answer_length", "save_steps", "log_steps", "max_steps", "eval_steps", "max_train_samples",
@@ -289,6 +305,9 @@ def setup(args, device: torch.device):
                             else not getattr(model, "untrained_head", False))
     if args.learning_rate is None:
         args.learning_rate = auto_learning_rate(args.task, bool(args.lora), total)
+    if is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_config(output_dir / CONFIG_FILE, build_parser(), args)
     model = wrap_model(model, device, args.fsdp, transformer_blocks(model) if args.fsdp else [],
                        model.get_base_model() if is_lora(model) else model)
     if world_size() > 1:
@@ -487,6 +506,7 @@ def evaluate_and_save(run, args, writer: SummaryWriter) -> dict:
     if state.best_score is None or (score > state.best_score if task.higher_is_better else score < state.best_score):
         state.best_score = score
         save(run, args, "best", with_training_state=False, scores=scores)
+    writer.add_scalar(f"best/{task.metric}", state.best_score, state.step)
     save(run, args, "latest", with_training_state=True, scores=scores)
     return scores
 
@@ -524,6 +544,26 @@ class NoWriter:
     add_text = close = add_scalar
 
 
+HPARAMS = ("task", "model", "qa_style", "learning_rate", "global_batch", "epochs", "max_steps", "warmup_ratio",
+           "weight_decay", "freeze", "train_last_layers", "lora", "lora_r", "seed")
+
+
+def write_hparams(writer, run, args, finished: bool = False) -> None:
+    """The run's main settings, and the tags of its last and best scores, for TensorBoard's HParams
+    dashboard: `tensorboard --logdir outputs` then compares the runs under outputs/ by their
+    settings. Written as the run starts (the settings) and again when it finishes (its status)."""
+    if isinstance(writer, NoWriter):
+        return
+    settings = {name: getattr(args, name) for name in HPARAMS}
+    settings.update(precision=run.precision, trainable_parameters=run.parameters[0], total_parameters=run.parameters[1])
+    settings = {name: ",".join(value) if isinstance(value, list) else "none" if value is None else value
+                for name, value in settings.items()}
+    metric = run.task.metric
+    experiment, start, end = hparams(settings, {f"eval/{metric}": 0.0, f"best/{metric}": 0.0})
+    for summary in ((end,) if finished else (experiment, start)):
+        writer.file_writer.add_summary(summary)
+
+
 def micro_batches_of_step(run, batch: list[int], micro_batch_size: int) -> tuple[list[dict], int]:
     """This process's collated micro-batches of one step's global batch (pinned when the device
     copies from pinned memory; without a mask when unpadded), and the padded tokens of all
@@ -557,9 +597,8 @@ def train(run, args) -> None:
     state = run.state
     writer = SummaryWriter(run.output_dir / "tensorboard") if is_main() else NoWriter()
     trainable, total = run.parameters
-    writer.add_scalar("model/trainable_parameters", trainable, state.step)
-    writer.add_scalar("model/total_parameters", total, state.step)
     writer.add_text("model", f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", state.step)
+    write_hparams(writer, run, args)
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not is_main())
     window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
@@ -614,6 +653,7 @@ def train(run, args) -> None:
                 started = time.perf_counter()
     if state.last_eval_step != state.step:
         evaluate_and_save(run, args, writer)
+    write_hparams(writer, run, args, finished=True)
     bar.close()
     writer.close()
 

@@ -86,6 +86,28 @@ def test_checkpoint_layout(run_a):
     assert not list(run_a.glob("*.tmp")) and not list(run_a.glob("*.old"))
 
 
+def test_tensorboard_compares_runs_by_their_settings(run_a):
+    """The HParams dashboard gets the run's settings and its last and best F1; the parameter counts
+    are text, not one-point charts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.api_pb2 import Status
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    events = EventAccumulator(str(run_a / "tensorboard"))
+    events.Reload()
+    contents = {tag: HParamsPluginData.FromString(content) for tag, content in events.PluginTagToContent("hparams").items()}
+    metrics = {info.name.tag for info in contents["_hparams_/experiment"].experiment.metric_infos}
+    assert metrics == {"eval/f1", "best/f1"}
+    settings = contents["_hparams_/session_start_info"].session_start_info.hparams
+    assert settings["learning_rate"].number_value == 3e-4 and settings["task"].string_value == "qa"
+    assert settings["precision"].string_value == "fp32" and settings["lora"].bool_value is False
+    assert settings["global_batch"].number_value == 8 and settings["trainable_parameters"].number_value > 0
+    assert contents["_hparams_/session_end_info"].session_end_info.status == Status.STATUS_SUCCESS
+    scalars = set(events.Tags()["scalars"])
+    assert {"eval/f1", "best/f1"} <= scalars and not any(tag.startswith("model/") for tag in scalars)
+    best = [event.value for event in events.Scalars("best/f1")]
+    assert best == [max(best[:i + 1]) for i in range(len(best))]  # the best so far, at every evaluation
+
 def test_best_checkpoint_loads_with_plain_transformers(run_a):
     """best/ is a standard Hugging Face model directory: the Auto classes load it without our code.
 
