@@ -4,6 +4,13 @@
     python predict.py --context-file article.txt --question "..." --json
     python predict.py --input questions.jsonl --output predictions.json
     python predict.py --prompt "Once upon a time" --max-new-tokens 80 --seed 1
+    python predict.py --checkpoint outputs/qa        # interactive: questions from standard input
+
+Interactive (no --question, --input or --prompt): the model loads once, then standard input is read
+line by line. For a QA checkpoint the first line is the context (or give --context/--context-file),
+each later line a question about it, and a line `context: NEW TEXT` changes the context. For a
+causal LM checkpoint each line is a prompt. An answer (or continuation) is printed per line; a bad
+line gets an error line and the session goes on; end of input (Ctrl-D) ends it.
 
 Works with every checkpoint train.py writes (extractive, seq2seq, decoder-only, LoRA adapter,
 merged LoRA, causal LM), and uses the same windowing, forward pass and answer selection as evaluation.
@@ -79,9 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if given["input"]:
         if given["question"] or given["context"] or given["context_file"]:
             p.error("--input replaces --question/--context/--context-file")
-    elif not given["question"] or not (given["context"] or given["context_file"]):
-        p.error("give --question with --context or --context-file, or --input FILE")
+    elif given["question"] and not (given["context"] or given["context_file"]):
+        p.error("give --question with --context or --context-file, or --input FILE, or no question to ask them "
+                "interactively")
     return args
+
+
+def is_interactive(args) -> bool:
+    return args.question is None and args.input is None and args.prompt is None and not args.prompt_file
 
 
 def read_examples(args) -> list[SquadExample]:
@@ -93,11 +105,14 @@ def read_examples(args) -> list[SquadExample]:
     return SquadExamples.from_records([(where, record)], where, require_answers=False).examples
 
 
-def load_checkpoint(args, generating: bool):
-    """The settings, tokenizer and model of the checkpoint, checked against its manifest as they load."""
+def load_checkpoint(args, generating: bool | None):
+    """The settings, tokenizer and model of the checkpoint, checked against its manifest as they load.
+    `generating` None (interactive): whatever the checkpoint does, text generation for --task clm."""
     checkpoint = find_checkpoint(Path(args.checkpoint), "best")
     with verified_checkpoint(checkpoint):
         settings = load_run_config(checkpoint)
+        if generating is None:
+            generating = settings.get("task") == "clm"
         if generating and settings.get("model_kind") != "causal-lm":
             raise UserError(f"{checkpoint}: --prompt needs a causal LM checkpoint (train.py --task clm, or generative "
                             "QA with a decoder-only model)")
@@ -108,19 +123,63 @@ def load_checkpoint(args, generating: bool):
         if args.chat and not tokenizer.chat_template:
             raise UserError(f"{checkpoint}: --chat needs a tokenizer with a chat template, and this one has none")
         model = load_trained_model(checkpoint, settings)
-    return settings, tokenizer, model
+    return settings, tokenizer, model, generating
 
 
-def generate(args, tokenizer, model, device, precision: str) -> None:
-    """--prompt: continue the prompt with a causal LM checkpoint (any train.py checkpoint of one)."""
-    text = read_text(args.prompt_file) if args.prompt_file else args.prompt
+def generate(args, text: str, tokenizer, model, device, precision: str) -> None:
+    """Continue `text` with a causal LM checkpoint (any train.py checkpoint of one)."""
     stream = args.num_return_sequences == 1
     texts = generate_text(model, tokenizer, prompt_ids(tokenizer, text, args.chat), vars(args), device, precision, stream)
-    if stream:
-        print()
-    else:
+    if not stream:  # a streamed text ends with its own newline
         for number, generated in enumerate(texts, start=1):
             print(f"--- {number}\n{generated}")
+
+
+def answer(args, qa, model, examples: list[SquadExample], where: str, device, precision: str) -> dict:
+    """{question id: prediction}: the same windows, forward pass and answer selection as evaluation."""
+    features = qa.features(examples, where)
+    with out_of_memory_as_error(device, f"answering batches of {args.batch_size} windows", "lower --batch-size"):
+        return qa.answer_questions(model, features, device, precision, args.batch_size)
+
+
+def print_answer(args, prediction) -> None:
+    if args.json:
+        print(json.dumps(prediction.as_record(), indent=2, ensure_ascii=False), flush=True)
+    else:
+        print(prediction.text or "(no answer)", flush=True)
+
+
+def interactive(args, qa, tokenizer, model, device, precision: str) -> None:
+    """Lines from standard input, the model loaded once (see the module's docstring); `qa` None for a
+    causal LM. A mistake in one line is reported and the session goes on."""
+    terminal = sys.stdin.isatty()
+    context = (read_text(args.context_file) if args.context_file else args.context) if qa else None
+    asked = 0
+
+    def ask() -> None:
+        if terminal:
+            print("prompt> " if qa is None else "context> " if context is None else "question> ",
+                  end="", file=sys.stderr, flush=True)
+
+    ask()
+    for number, line in enumerate(sys.stdin, start=1):
+        line = line.strip()
+        try:
+            if not line:
+                pass
+            elif qa is None:
+                generate(args, line, tokenizer, model, device, precision)
+            elif context is None or line.lower().startswith("context:"):
+                context = line[len("context:"):].strip() if line.lower().startswith("context:") else line
+            else:
+                asked += 1
+                record = {"id": f"question-{asked}", "context": context, "question": line}
+                where = f"standard input, line {number}"
+                examples = SquadExamples.from_records([(where, record)], where, require_answers=False).examples
+                print_answer(args, answer(args, qa, model, examples, where, device, precision)[record["id"]])
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        ask()
 
 
 def main(argv=None) -> None:
@@ -130,34 +189,36 @@ def main(argv=None) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    generating = args.prompt is not None or bool(args.prompt_file)
-    examples = None if generating else read_examples(args)  # the user's input is checked before the slow loading
-    settings, tokenizer, model = load_checkpoint(args, generating)
+    generating = None if is_interactive(args) else args.prompt is not None or bool(args.prompt_file)
+    examples = read_examples(args) if generating is False else None  # checked before the slow loading
+    settings, tokenizer, model, generating = load_checkpoint(args, generating)
     device = pick_device(args.device)
     precision, _ = pick_precision(args.precision, device)
     configure_device(device)
     model = model.to(device)
     set_attention(model, choose_attention(AUTO, device, precision, is_decoder_only(model))[0])
-    if generating:
-        generate(args, tokenizer, model, device, precision)
+    if generating and (args.context is not None or args.context_file):
+        raise UserError(f"{args.checkpoint}: a causal LM checkpoint answers no questions: --context is for question "
+                        "answering; give prompts on standard input")
+    if generating and not is_interactive(args):
+        generate(args, read_text(args.prompt_file) if args.prompt_file else args.prompt, tokenizer, model, device, precision)
         return
     overrides = {"max_answer_tokens": args.max_answer_tokens, "num_beams": args.num_beams}
     settings.update({name: value for name, value in overrides.items() if value is not None})
     if args.null_score_diff_threshold is not None:
-        if settings["qa_style"] != "extractive":
+        if settings.get("qa_style") != "extractive":
             raise UserError(f"{args.checkpoint}: --null-score-diff-threshold is for extractive checkpoints; this one "
                             "generates its answers (an empty one is its 'no answer')")
         settings.update(allow_null=True, null_threshold=args.null_score_diff_threshold)
-    qa = make_qa(settings, tokenizer)
-    features = qa.features(examples, args.input or "command line")
-    with out_of_memory_as_error(device, f"answering batches of {args.batch_size} windows", "lower --batch-size"):
-        predictions = qa.answer_questions(model, features, device, precision, args.batch_size)
-
-    if args.json:
-        records = {qid: p.as_record() for qid, p in predictions.items()}
-        print(json.dumps(records if args.input else records["question"], indent=2, ensure_ascii=False))
-    elif not args.input:
-        print(predictions["question"].text or "(no answer)")
+    qa = None if generating else make_qa(settings, tokenizer)
+    if is_interactive(args):
+        interactive(args, qa, tokenizer, model, device, precision)
+        return
+    predictions = answer(args, qa, model, examples, args.input or "command line", device, precision)
+    if not args.input:
+        print_answer(args, predictions["question"])
+    elif args.json:
+        print(json.dumps({qid: p.as_record() for qid, p in predictions.items()}, indent=2, ensure_ascii=False))
     answers = {qid: p.text for qid, p in predictions.items()}
     if args.input:
         if args.output:

@@ -9,6 +9,10 @@ answers are not the point): extractive MiniLM (`minilm-l6`) and generative decod
 runs after one warm-up run (files in the page cache, as for a user asking a second question), the
 commands interleaved so that a slow moment of the machine hits all of them. Two floor rows time the
 bare import plus transformers' own import of the model class that each checkpoint needs.
+
+Then one interactive session per checkpoint (`predict.py` with no question, reading standard input):
+the context, then `--questions` questions written one at a time, each timed from writing its line to
+reading its answer. The first answer is left out: the target is each answer after it.
 """
 import argparse
 import statistics
@@ -26,6 +30,8 @@ from bench.qa_squad import write_report  # noqa: E402
 CONTEXT = ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris. It was the tallest "
            "man-made structure in the world until the Chrysler Building was finished in New York in 1930.")
 QUESTION = "When was the Eiffel Tower completed?"
+QUESTIONS = ["When was the Eiffel Tower completed?", "Where is the Eiffel Tower?", "What was finished in 1930?",
+             "Which building was taller after 1930?", "For which event was the tower built?"]
 ONE_STEP = ["--max-steps", "1", "--max-train-samples", "4", "--max-eval-samples", "2", "--batch-size", "4",
             "--no-eval-before-training"]
 
@@ -42,9 +48,28 @@ def seconds(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def interactive_answer_seconds(checkpoint: Path, questions: int) -> list[float]:
+    """Seconds from writing each question to reading its answer, in one predict.py session."""
+    process = subprocess.Popen([sys.executable, "predict.py", "--checkpoint", str(checkpoint)], cwd=ROOT, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process.stdin.write(CONTEXT + "\n")
+    times = []
+    for number in range(questions):
+        started = time.perf_counter()
+        process.stdin.write(QUESTIONS[number % len(QUESTIONS)] + "\n")
+        process.stdin.flush()
+        if not process.stdout.readline():
+            raise SystemExit(f"predict.py on {checkpoint} ended before answering")
+        times.append(time.perf_counter() - started)
+    process.stdin.close()
+    process.wait()
+    return times
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--questions", type=int, default=11, help="questions per interactive session")
     p.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "predict_startup.md")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +92,7 @@ def main():
                 elapsed = seconds(command)
                 if repeat:  # the first round warms the page cache
                     times[name].append(elapsed)
+        sessions = {name: interactive_answer_seconds(checkpoint, args.questions) for name, checkpoint in checkpoints.items()}
     medians = {name: statistics.median(values) for name, values in times.items()}
     bare = medians[next(iter(commands))]
     rows = [f"| {name} | {medians[name]:.2f} | {min(times[name]):.2f} | {max(times[name]):.2f} | "
@@ -80,6 +106,14 @@ def main():
         "| command | median s | min s | max s | vs bare import s |",
         "|---|---|---|---|---|",
         *rows,
+        "",
+        f"Interactive session: the context, then {args.questions} questions one line at a time; seconds from writing a "
+        "question to reading its answer. Target: each answer after the first within 0.3 s for MiniLM.",
+        "",
+        "| checkpoint | first answer s (loading included) | later answers: median s | max s |",
+        "|---|---|---|---|",
+        *(f"| {name} | {times[0]:.2f} | {statistics.median(times[1:]):.3f} | {max(times[1:]):.3f} |"
+          for name, times in sessions.items()),
     ]
     write_report(args.report, lines)
 

@@ -12,7 +12,7 @@ from data.batching import PadToLongest
 from data.text_blocks import (GroupedTextBlocks, content_hash, hub_documents, load_hub_dataset, read_documents,
                               source_files, token_stream)
 from engine.errors import UserError
-from models.backbones import load_config, load_tokenizer
+from models.backbones import DECODER_ONLY, architecture, load_config, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,16 @@ class CLMTask:
     SCALARS = ("loss", "perplexity")
 
     def __init__(self, args, base_model: str, resume_from: Path | None):
+        config = load_config(base_model)
+        kind = architecture(config)
+        if kind != DECODER_ONLY:
+            raise UserError(f"--task clm: {args.model} is an {kind} model ({config.model_type}); causal language "
+                            "modelling needs a decoder-only one (smollm2-135m, GPT-2, Llama, Qwen)")
         self.tokenizer = load_tokenizer(str(resume_from or base_model))
-        context = getattr(load_config(base_model), "max_position_embeddings", None)
+        if self.tokenizer.eos_token_id is None:
+            raise UserError(f"--task clm: the tokenizer of {args.model} has no end-of-sequence token, which separates "
+                            "the documents of a training stream")
+        context = getattr(config, "max_position_embeddings", None)
         block_size = args.block_size or min(1024, context or 1024)
         if context and block_size > context:
             raise UserError(f"--block-size {block_size} is above the model's context of {context} tokens")

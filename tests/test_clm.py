@@ -1,6 +1,7 @@
 """Causal language modelling end to end on the tiny Llama: perplexity against a hand computation,
 token-normalised gradient accumulation, a short run lowering perplexity, seeded generation, and
 one-line errors for unusable corpora."""
+import io
 import json
 import math
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from conftest import PREDICT_FLAGS, assert_one_line_error, crash_then_resume, run_in_parallel, run_script
 from safetensors.torch import load_file
 
+import predict
 import train
 from clm.task import CLMTask
 from clm.language_model import count_targets, next_token_loss, perplexity
@@ -101,6 +103,20 @@ def test_generation_is_reproducible_with_a_seed(clm_run):
     assert results["a"].stdout == results["b"].stdout and results["a"].stdout.strip()
     assert results["c"].stdout.count("--- ") == 3
 
+
+
+def test_an_interactive_session_continues_each_prompt_line(clm_run, capsys, monkeypatch):
+    """predict.py with no --prompt on a causal LM checkpoint: one continuation per line of standard
+    input, each the one --prompt gives."""
+    flags = ["--checkpoint", str(clm_run / "best"), "--max-new-tokens", "6", "--greedy", *PREDICT_FLAGS]
+    monkeypatch.setattr("sys.stdin", io.StringIO("The river\n\nA bridge\n"))
+    predict.main(flags)
+    session = capsys.readouterr().out.splitlines()
+    one_shot = []
+    for prompt in ("The river", "A bridge"):
+        predict.main([*flags, "--prompt", prompt])
+        one_shot.append(capsys.readouterr().out.strip("\n"))
+    assert session == one_shot and all(one_shot)
 
 @pytest.mark.parametrize("transfer", [["--lora"], ["--train-last-layers", "1"]])
 def test_lora_and_freezing_train_a_part_and_predict_loads_it(tmp_path, tiny_llama_dir, transfer):

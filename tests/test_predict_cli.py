@@ -1,11 +1,14 @@
 """predict.py as a user runs it, on a checkpoint from a tiny training run."""
+import io
 import json
+import subprocess
+import sys
 
 import pytest
 
 import predict
 import train
-from conftest import VALIDATION_SAMPLE, assert_one_line_error, run_script, write_jsonl
+from conftest import ROOT, VALIDATION_SAMPLE, assert_one_line_error, run_script, write_jsonl
 from engine.errors import UserError
 
 CONTEXT = "The Amazon river flows through Brazil and empties into the Atlantic Ocean near the city of Belem."
@@ -131,3 +134,30 @@ def test_a_million_character_context_is_answered(checkpoint, tmp_path, capsys):
     predict.main(["--checkpoint", str(checkpoint), "--context-file", str(path), "--question", QUESTION, "--json", *FLAGS])
     record = json.loads(capsys.readouterr().out)
     assert record["answer"] and context[record["start"] : record["end"]] == record["answer"]
+
+
+OTHER_CONTEXT = "Mount Kilimanjaro is the highest mountain in Africa, and it stands in Tanzania."
+
+
+def test_interactive_session_answers_each_line_as_a_one_shot_call_would(checkpoint, capsys, monkeypatch):
+    """A context, questions one per line, a new context, a line too long to answer (reported, the
+    session goes on), blank lines skipped, end of input ends it."""
+    too_long = "why " * 600
+    lines = [CONTEXT, QUESTION, "", "Which ocean?", too_long, f"context: {OTHER_CONTEXT}", "Where is Kilimanjaro?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    out, err = predict_in_process(capsys, "--checkpoint", checkpoint)
+    answers = out.strip().splitlines()
+    expected = [predict_in_process(capsys, "--checkpoint", checkpoint, "--context", context, "--question", question)[0].strip()
+                for context, question in ((CONTEXT, QUESTION), (CONTEXT, "Which ocean?"),
+                                          (OTHER_CONTEXT, "Where is Kilimanjaro?"))]
+    assert answers == expected
+    errors = err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: standard input, line 5"), err
+
+
+def test_interactive_session_reads_a_piped_standard_input(checkpoint):
+    result = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(checkpoint), "--context", CONTEXT, *FLAGS],
+                            cwd=ROOT, input=f"{QUESTION}\n{QUESTION}\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.strip().splitlines()
+    assert first == second and first in CONTEXT
