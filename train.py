@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "shipped sample for the task")
     data.add_argument("--validation-file", help="same formats as --train-file; default for qa: the shipped sample; for "
                                                 "clm: hold out --validation-split of the training documents")
-    data.add_argument("--dataset", help="Hub dataset with train/validation splits (squad, squad_v2; wikitext for clm); "
-                                        "replaces the files; needs a network")
+    data.add_argument("--dataset", help="read through the datasets library, with train/validation splits: a directory "
+                                        "written by save_to_disk, a folder of Parquet, JSON Lines or CSV files (splits by "
+                                        "file name), or a Hub name (squad, squad_v2; wikitext for clm; needs a network); "
+                                        "replaces the files")
     data.add_argument("--max-train-samples", type=int, help="use only the first N training questions, in file order")
     data.add_argument("--max-eval-samples", type=int, help="use only the first N validation questions, in file order")
     data.add_argument("--max-seq-length", type=int, default=384, help="tokens per window (question + context)")

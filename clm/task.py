@@ -9,8 +9,9 @@ import numpy as np
 from clm.language_model import count_targets, next_token_loss, perplexity
 from data import SAMPLES
 from data.batching import PadToLongest
-from data.text_blocks import (GroupedTextBlocks, content_hash, hub_documents, load_hub_dataset, read_documents,
-                              source_files, token_stream)
+from data.hf_datasets import load_splits, split_of
+from data.text_blocks import (GroupedTextBlocks, content_hash, hub_documents, read_documents, source_files,
+                              token_stream)
 from engine.errors import UserError
 from models.backbones import DECODER_ONLY, architecture, load_config, load_tokenizer
 
@@ -68,9 +69,8 @@ class CLMTask:
         Hub split), a seeded share of the training documents is held out, each document to one side."""
         options = {"line_by_line": args.line_by_line, "text_field": args.text_field}
         if args.dataset:
-            splits = load_hub_dataset(args.dataset, args.dataset_config)
-            if "train" not in splits:
-                raise UserError(f"--dataset {args.dataset}: no 'train' split (it has {', '.join(splits)})")
+            splits = load_splits(args.dataset, args.dataset_config)
+            split_of(splits, "train", args.dataset)
 
             def documents(split):
                 return hub_documents(splits[split], args.text_field, f"{args.dataset}[{split}]")

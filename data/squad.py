@@ -1,4 +1,5 @@
-"""SQuAD examples read from official SQuAD JSON (v1.1 / v2.0), flat JSON Lines, or a Hub dataset.
+"""SQuAD examples read from official SQuAD JSON (v1.1 / v2.0), flat JSON Lines, or a dataset read by
+the `datasets` library (a Hub name, a save_to_disk directory, a folder of Parquet or JSON Lines files).
 
 Every record is checked here, once, so that everything downstream can trust an example: a bad
 record stops the run with a one-line error naming the file and the example id, and an answer_start
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from data.hf_datasets import load_splits, split_of
 from data.jsonl import jsonl_records, parse_json
 from data.text_files import read_text, text_lines
 from engine.errors import UserError, short_repr
@@ -50,16 +52,17 @@ class SquadExamples(Dataset):
 
     @classmethod
     def load(cls, source: str, split: str = "train", max_samples: int | None = None, require_answers: bool = True):
-        """Read a .json/.jsonl file (optionally .gz) or, for any other name, a Hub dataset split.
+        """Read a .json/.jsonl file (optionally .gz) or, for any other name, a split of a dataset read
+        by the `datasets` library (data/hf_datasets.py).
 
         Without `require_answers` (questions to predict), a question may come without answers, and
         unanswerable questions are not counted in a warning.
         """
         path = Path(source)
-        if path.suffix == ".gz" or path.suffix in (".json", ".jsonl") or path.exists():
+        if path.suffix == ".gz" or path.suffix in (".json", ".jsonl") or path.is_file():
             records = _read_file(path)
         else:
-            records = _read_hub(source, split)
+            records = _read_dataset(source, split)
         return cls.from_records(records, source, max_samples, require_answers)
 
     @classmethod
@@ -140,17 +143,8 @@ def _squad_json_records(path: Path, document):
                 yield str(path), record
 
 
-def _read_hub(name: str, split: str):
-    import datasets  # imported here: loading the library is slow and only Hub sources need it
-
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as error:  # noqa: BLE001 - any failure to fetch is reported as one line
-        raise UserError(
-            f"{name}: not a local file, and loading it from the Hugging Face Hub failed "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-        ) from None
-    for number, record in enumerate(dataset):
+def _read_dataset(name: str, split: str):
+    for number, record in enumerate(split_of(load_splits(name), split, name)):
         yield f"{name}[{split}] row {number}", record
 
 

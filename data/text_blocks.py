@@ -79,17 +79,6 @@ def record_text(record: dict, text_field: str, where: str) -> str:
         raise UserError(f"{where}: field {text_field!r} holds lists nested too deeply") from None
 
 
-def load_hub_dataset(name: str, config: str | None):
-    """All splits of a Hub dataset (a DatasetDict); one error line when it cannot be loaded."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, config)
-    except Exception as error:  # noqa: BLE001 - offline, unknown name, unknown config: one line for the user
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--dataset {name} {config or ''}: cannot load it ({first})") from None
-
-
 def hub_documents(split, text_field: str, where: str) -> Iterator[str]:
     """The documents of a Hub dataset split, one per record."""
     documents = (record_text(r, text_field, f"{where} record {i}") for i, r in enumerate(split))

@@ -1,6 +1,7 @@
 """Reading SQuAD files: official JSON v1.1/v2.0, JSON Lines, gzip, max_samples, repair and rejection."""
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -204,30 +205,57 @@ def test_shipped_samples_are_large_enough_and_disjoint():
             assert e.context[start : start + len(text)] == text
 
 
-def test_hub_dataset_rows_are_read_like_json_lines(monkeypatch):
-    """`--dataset squad` goes through datasets.load_dataset; its rows have the JSON Lines layout."""
+def saved_dataset(directory: Path, form: str, splits: dict) -> Path:
+    """{split: records} written with the real `datasets` library in one of the forms --dataset reads."""
     import datasets
 
-    calls = []
+    tables = {name: datasets.Dataset.from_list(records) for name, records in splits.items()}
+    if form == "save_to_disk":
+        datasets.DatasetDict(tables).save_to_disk(str(directory))
+    elif form == "save_to_disk, one Dataset":
+        tables["train"].save_to_disk(str(directory))
+    else:
+        directory.mkdir()
+        for name, table in tables.items():
+            if form == "parquet":
+                table.to_parquet(str(directory / f"{name}.parquet"))
+            else:
+                table.to_json(str(directory / f"{name}.jsonl"), lines=True)
+    return directory
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
-        return jsonl_records()
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    from_hub = SquadExamples.load("squad", "validation")
-    assert calls == [("squad", "validation")]
-    assert [e.id for e in from_hub.examples] == [r["id"] for r in jsonl_records()]
-    assert from_hub.examples[0].answer_texts == tuple(jsonl_records()[0]["answers"]["text"])
+@pytest.mark.parametrize("form", ["save_to_disk", "save_to_disk, one Dataset", "parquet", "jsonl"])
+def test_local_datasets_are_read_like_json_lines(tmp_path, form):
+    records = jsonl_records()
+    splits = {"train": records} if form == "save_to_disk, one Dataset" else {"train": records, "validation": records[:1]}
+    directory = saved_dataset(tmp_path / "data", form, splits)
+    for split, expected in splits.items():
+        examples = SquadExamples.load(str(directory), split).examples
+        assert [e.id for e in examples] == [r["id"] for r in expected]
+        assert [e.answer_texts for e in examples] == [tuple(r["answers"]["text"]) for r in expected]
+        assert [e.answer_starts for e in examples] == [tuple(r["answers"]["answer_start"]) for r in expected]
+
+
+def test_a_bad_dataset_row_is_one_line_naming_it(tmp_path):
+    records = jsonl_records()
+    records[1] = {**records[1], "question": " "}
+    directory = saved_dataset(tmp_path / "data", "parquet", {"train": records})
+    with pytest.raises(UserError, match=r"\[train\] row 1: question 'j2': empty question$"):
+        SquadExamples.load(str(directory), "train")
+
+
+def test_a_missing_split_is_one_line(tmp_path):
+    directory = saved_dataset(tmp_path / "data", "save_to_disk, one Dataset", {"train": jsonl_records()})
+    with pytest.raises(UserError, match=r"no 'validation' split \(it has train\)$"):
+        SquadExamples.load(str(directory), "validation")
 
 
 def test_unreachable_hub_dataset_is_one_line(monkeypatch):
+    """The real library, kept offline: the error a user without a network sees."""
     import datasets
 
-    def offline(name, split):
-        raise ConnectionError("Couldn't reach 'squad' on the Hub (LocalEntryNotFoundError)\nmore detail")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError, match=r"^squad: not a local file, and loading it from the Hugging Face Hub failed") as error:
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"^--dataset squad: cannot load it \(not a local directory, and from the Hugging "
+                                        r"Face Hub: ") as error:
         SquadExamples.load("squad", "train")
     assert "\n" not in str(error.value)

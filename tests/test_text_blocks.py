@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data.batching import PadToLongest
-from data.text_blocks import (GroupedTextBlocks, content_hash, hub_documents, load_hub_dataset, read_documents, source_files,
+from data.hf_datasets import load_splits
+from data.text_blocks import (GroupedTextBlocks, content_hash, hub_documents, read_documents, source_files,
                               token_stream)
 from engine.errors import UserError
 
@@ -125,9 +126,7 @@ def test_hub_documents_come_from_the_text_field(monkeypatch):
     with pytest.raises(UserError, match=r"wikitext\[train\] record 0: no field 'body'"):
         list(hub_documents(split, "body", "wikitext[train]"))
 
-    def offline(name, config):
-        raise ConnectionError("Couldn't reach the Hub\nmore detail")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError, match=r"--dataset wikitext wikitext-2-raw-v1: cannot load it \(Couldn't reach the Hub\)$"):
-        load_hub_dataset("wikitext", "wikitext-2-raw-v1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the real library, kept offline
+    with pytest.raises(UserError, match=r"^--dataset wikitext wikitext-2-raw-v1: cannot load it \(not a local directory, "
+                                        r"and from the Hugging Face Hub: .*\)$"):
+        load_splits("wikitext", "wikitext-2-raw-v1")
