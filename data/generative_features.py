@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from data.squad import SquadExample
 from engine.errors import UserError
+from engine.progress import progress
 
 SEQ2SEQ_TEMPLATE = "question: {question} context: {context}"
 DECODER_TEMPLATE = "Context: {context}\n\nQuestion: {question}\n\nAnswer with a short phrase copied from the context."
@@ -74,7 +75,8 @@ class GenerativeQAFeatures(Dataset):
         contexts = tokenizer([e.context for e in examples], add_special_tokens=False, return_offsets_mapping=True)
         rng = np.random.default_rng(seed)
         windows = []  # (example index, first char, end char, target answer or None)
-        for index, (example, overhead) in enumerate(zip(examples, overheads)):
+        for index, (example, overhead) in enumerate(progress(zip(examples, overheads), "windows",
+                                                             "question", total=len(examples))):
             for first, end in _window_spans(contexts["offset_mapping"][index], max_seq_length - overhead, doc_stride):
                 target = _answer_in(example, first, end)
                 if training and target is None:

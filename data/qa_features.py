@@ -10,6 +10,9 @@ from torch.utils.data import Dataset
 
 from data.squad import SquadExample
 from engine.errors import UserError
+from engine.progress import progress
+
+TOKENIZE_CHUNK = 1000
 
 
 class SquadFeatures(Dataset):
@@ -23,34 +26,40 @@ class SquadFeatures(Dataset):
         self.pad_token_id = tokenizer.pad_token_id
         questions = [e.question.lstrip() for e in examples]  # leading spaces only waste window room
         _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride, source)
-        encoded = tokenizer(
-            questions,
-            [e.context for e in examples],
-            truncation="only_second",
-            max_length=max_seq_length,
-            stride=doc_stride,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-            return_token_type_ids="token_type_ids" in tokenizer.model_input_names,
-        )
-        self.input_ids = encoded["input_ids"]
-        self.token_type_ids = encoded.get("token_type_ids")
-        self.example_index = np.asarray(encoded["overflow_to_sample_mapping"])
+        self.input_ids, example_index = [], []
+        self.token_type_ids = [] if "token_type_ids" in tokenizer.model_input_names else None
         # Character offsets of context tokens; -1 marks question, special and padding tokens.
         self.offsets = []
         self.start_positions, self.end_positions, self.cls_index = [], [], []
-        for i, example_index in enumerate(self.example_index):
-            sequence_ids = encoded.sequence_ids(i)
-            offsets = np.array(
-                [o if s == 1 else (-1, -1) for o, s in zip(encoded["offset_mapping"][i], sequence_ids)], dtype=np.int64
+        # Tokenized a chunk of questions at a time, so that the progress bar moves on large files.
+        for first in progress(range(0, len(examples), TOKENIZE_CHUNK), "windows", f"x{TOKENIZE_CHUNK} questions"):
+            encoded = tokenizer(
+                questions[first : first + TOKENIZE_CHUNK],
+                [e.context for e in examples[first : first + TOKENIZE_CHUNK]],
+                truncation="only_second",
+                max_length=max_seq_length,
+                stride=doc_stride,
+                return_overflowing_tokens=True,
+                return_offsets_mapping=True,
+                return_token_type_ids=self.token_type_ids is not None,
             )
-            self.offsets.append(offsets)
-            ids = self.input_ids[i]
-            cls_index = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
-            start, end = _span_labels(examples[example_index], offsets, cls_index)
-            self.cls_index.append(cls_index)
-            self.start_positions.append(start)
-            self.end_positions.append(end)
+            self.input_ids += encoded["input_ids"]
+            if self.token_type_ids is not None:
+                self.token_type_ids += encoded["token_type_ids"]
+            for i, index in enumerate(encoded["overflow_to_sample_mapping"]):
+                example_index.append(first + index)
+                sequence_ids = encoded.sequence_ids(i)
+                offsets = np.array(
+                    [o if s == 1 else (-1, -1) for o, s in zip(encoded["offset_mapping"][i], sequence_ids)], dtype=np.int64
+                )
+                self.offsets.append(offsets)
+                ids = encoded["input_ids"][i]
+                cls_index = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+                start, end = _span_labels(examples[first + index], offsets, cls_index)
+                self.cls_index.append(cls_index)
+                self.start_positions.append(start)
+                self.end_positions.append(end)
+        self.example_index = np.asarray(example_index, dtype=np.int64)
         self.lengths = np.array([len(ids) for ids in self.input_ids])
         # Windows that share a paragraph: training batches keep them apart (see data.batching).
         context_ids: dict[str, int] = {}

@@ -23,6 +23,7 @@ from data.hf_datasets import load_splits, split_of
 from data.jsonl import jsonl_records, parse_json
 from data.text_files import read_text, text_lines
 from engine.errors import UserError, short_repr
+from engine.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class SquadExamples(Dataset):
         """Validate (where, flat record) pairs into examples."""
         examples, repaired, unmarked_unanswerable = [], 0, 0
         seen = set()
-        for where, record in records:
+        for where, record in progress(records, f"read {Path(source).name}", "question"):
             example, repairs = _make_example(record, where, require_answers)
             if example.id in seen:
                 raise UserError(f"{where}: duplicate question id {short_repr(example.id)}")

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from data.jsonl import jsonl_records
 from data.text_files import read_errors_reported, text_lines
 from engine.errors import UserError
+from engine.progress import progress
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENIZE_BATCH = 256  # documents per tokenizer call: fast batched encoding, bounded memory
@@ -144,7 +145,7 @@ def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict
     temporary = path.with_suffix(f".tmp{os.getpid()}")
     tokens = documents_done = 0
     with open(temporary, "wb") as out:
-        for batch in _batches(documents, TOKENIZE_BATCH):
+        for batch in progress(_batches(documents, TOKENIZE_BATCH), "tokenize", f"x{TOKENIZE_BATCH} documents"):
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                 np.asarray(ids + [eos], dtype=dtype).tofile(out)
                 tokens += len(ids) + 1

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.qa_features import SquadFeatures
+from engine.progress import progress
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def predict_spans(
     predictions = {}
     example_index = features.example_index
     boundaries = np.flatnonzero(np.diff(example_index)) + 1
-    for window_rows in np.split(rows, boundaries):  # features are stored example by example
+    for window_rows in progress(np.split(rows, boundaries), "answers", "question"):  # stored example by example
         example = features.examples[example_index[window_rows[0]]]
         winner = window_rows[np.argmax(best_score[window_rows])]
         score = best_score[winner]
