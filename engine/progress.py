@@ -1,7 +1,8 @@
-"""Progress bars for every phase that can take more than a couple of seconds (reading and validating
-files, building windows, tokenising text, evaluation, answer selection): on standard error, from the
+"""Progress bars for the preparation phases that can take more than a couple of seconds (reading and
+validating files, building windows, tokenising text, answer selection): on standard error, from the
 main process only, and only when standard error is a terminal, as tqdm does with `disable=None`,
-so that logs and pipes stay clean."""
+so that logs and pipes stay clean. The training and evaluation bars print into logs too: they are
+the run's own output, and bench/kill_soak.py reads them from a pipe to know what a run is doing."""
 from tqdm.auto import tqdm
 
 from engine.distributed import is_main
