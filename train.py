@@ -44,7 +44,7 @@ from engine.config_file import CONFIG_FILE, config_argv, read_config, write_conf
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizer, linear_warmup_decay
 from models.attention import CHOICES as ATTENTION_CHOICES
-from models.attention import choose_attention, is_decoder_only, set_attention
+from models.attention import TRANSFORMERS_NAMES, choose_attention, is_decoder_only, set_attention
 from models.backbones import count_parameters, load_model, resolve_model
 from models.dropout import use_mask_dropout
 from models.transfer import (FREEZABLE, add_lora, enable_activation_checkpointing, freeze, is_lora, load_trained_model,
@@ -384,7 +384,7 @@ def choose_kernels(model, args, device: torch.device, precision: str) -> str:
     """The attention kernel and the dropout for this device and precision; says what it chose."""
     choice, why = choose_attention(args.attention, device, precision, is_decoder_only(model))
     running = set_attention(model, choice)
-    attention = f"attention {choice} ({why})" if running == choice.replace("-", "_") else \
+    attention = f"attention {choice} ({why})" if running == TRANSFORMERS_NAMES[choice] else \
         f"attention {running} (the model cannot switch to {choice})"
     replaced = use_mask_dropout(model, device, args.compile)
     return attention + (f"; {replaced} dropout layers draw masks with models/dropout.py" if replaced else "")

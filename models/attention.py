@@ -47,9 +47,14 @@ def _register() -> None:
     AttentionMaskInterface.register(TRANSFORMERS_NAMES[SDPA_FP32], sdpa_mask)  # the masks SDPA takes
 
 
+def _unwrapped(model):
+    """The transformers model inside a peft model (LoRA), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_decoder_only(model) -> bool:
     """A causal LM (SmolLM2, GPT-2, Llama), as against encoders and encoder-decoders."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = _unwrapped(model)
     return model.can_generate() and not model.config.is_encoder_decoder
 
 
@@ -67,7 +72,7 @@ def choose_attention(requested: str, device: torch.device, precision: str, decod
 def set_attention(model, choice: str) -> str:
     """Make `model` (a transformers model, or a peft model around one) run `choice`; returns the
     attention it runs (its own, when it cannot switch)."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = _unwrapped(model)
     current = model.config._attn_implementation
     if not model._can_set_attn_implementation():
         return current
