@@ -96,13 +96,20 @@ def is_interactive(args) -> bool:
     return args.question is None and args.input is None and args.prompt is None and not args.prompt_file
 
 
+def given_context(args) -> str | None:
+    return read_text(args.context_file) if args.context_file else args.context
+
+
+def one_question(qid: str, context: str, question: str, where: str) -> list[SquadExample]:
+    """A question checked as the file readers check theirs (empty text, length)."""
+    record = {"id": qid, "context": context, "question": question}
+    return SquadExamples.from_records([(where, record)], where, require_answers=False).examples
+
+
 def read_examples(args) -> list[SquadExample]:
     if args.input:
         return SquadExamples.load(args.input, require_answers=False).examples
-    context = read_text(args.context_file) if args.context_file else args.context
-    record = {"id": "question", "context": context, "question": args.question}
-    where = args.context_file or "command line"
-    return SquadExamples.from_records([(where, record)], where, require_answers=False).examples
+    return one_question("question", given_context(args), args.question, args.context_file or "command line")
 
 
 def load_checkpoint(args, generating: bool | None):
@@ -153,7 +160,7 @@ def interactive(args, qa, tokenizer, model, device, precision: str) -> None:
     """Lines from standard input, the model loaded once (see the module's docstring); `qa` None for a
     causal LM. A mistake in one line is reported and the session goes on."""
     terminal = sys.stdin.isatty()
-    context = (read_text(args.context_file) if args.context_file else args.context) if qa else None
+    context = given_context(args) if qa else None
     asked = 0
 
     def ask() -> None:
@@ -169,14 +176,15 @@ def interactive(args, qa, tokenizer, model, device, precision: str) -> None:
                 pass
             elif qa is None:
                 generate(args, line, tokenizer, model, device, precision)
-            elif context is None or line.lower().startswith("context:"):
-                context = line[len("context:"):].strip() if line.lower().startswith("context:") else line
+            elif line.lower().startswith("context:"):
+                context = line[len("context:"):].strip()
+            elif context is None:
+                context = line
             else:
                 asked += 1
-                record = {"id": f"question-{asked}", "context": context, "question": line}
-                where = f"standard input, line {number}"
-                examples = SquadExamples.from_records([(where, record)], where, require_answers=False).examples
-                print_answer(args, answer(args, qa, model, examples, where, device, precision)[record["id"]])
+                qid, where = f"question-{asked}", f"standard input, line {number}"
+                examples = one_question(qid, context, line, where)
+                print_answer(args, answer(args, qa, model, examples, where, device, precision)[qid])
         except UserError as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
         ask()
