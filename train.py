@@ -291,7 +291,8 @@ def setup(args, device: torch.device):
     output_dir = Path(args.output_dir)
     resume_from = saved = None
     if args.resume:
-        resume_from = find_checkpoint(output_dir if args.resume == "latest" else Path(args.resume), "latest")
+        resume_from = find_checkpoint(output_dir if args.resume == "latest" else Path(args.resume), "latest",
+                                      args.task)
 
     base_model = resolve_model(args.model)
     with verified_checkpoint(resume_from, args.task) if resume_from else contextlib.nullcontext():

@@ -8,6 +8,7 @@ the last, partial block is kept with its padding masked out of the loss, unless 
 """
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,11 @@ from torch.utils.data import Dataset
 
 from data.jsonl import jsonl_records
 from data.text_files import read_errors_reported, text_lines
+from engine.checkpoint import atomic_write_text, fsync_path
 from engine.errors import UserError
 from engine.progress import progress
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENIZE_BATCH = 256  # documents per tokenizer call: fast batched encoding, bounded memory
@@ -137,8 +141,9 @@ def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict
     cache_dir = Path(cache_dir)
     path, meta_path = cache_dir / f"{name}.tokens", cache_dir / f"{name}.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
+        cached = _cached_tokens(path, meta_path)
+        if cached is not None:
+            return cached
     cache_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     eos = tokenizer.eos_token_id
@@ -150,14 +155,33 @@ def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict
                 np.asarray(ids + [eos], dtype=dtype).tofile(out)
                 tokens += len(ids) + 1
             documents_done += len(batch)
+        out.flush()
+        os.fsync(out.fileno())
     if tokens == 0:  # nothing to cache; the caller says why that is a problem
         temporary.unlink()
         return np.zeros(0, dtype=dtype)
     os.replace(temporary, path)
-    # The metadata is written last: its presence marks a complete cache entry.
+    fsync_path(cache_dir)
+    # The metadata is written last, once the tokens are on the disk: its presence marks a complete entry.
     meta = {"dtype": np.dtype(dtype).name, "tokens": tokens, "documents": documents_done, "key": key}
-    meta_path.write_text(json.dumps(meta))
+    atomic_write_text(meta_path, json.dumps(meta))
     return np.memmap(path, dtype=dtype, mode="r", shape=(tokens,))
+
+
+def _cached_tokens(path: Path, meta_path: Path) -> np.ndarray | None:
+    """A cache entry's tokens, or None (with a warning) when the entry is damaged: one written before
+    its files were fsync'ed can be left short or empty by a power cut, and is built again."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected = meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+        found = path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("%s: damaged token cache entry (%s: %s); tokenizing again", meta_path, type(error).__name__, error)
+        return None
+    if found != expected:
+        log.warning("%s: %d bytes, but its cache entry says %d; tokenizing again", path, found, expected)
+        return None
+    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
 
 
 def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:

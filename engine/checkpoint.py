@@ -9,11 +9,17 @@ A save writes a temporary directory and renames it into place: if the process di
 previous checkpoint is intact (at worst under the name `<dir>.old`, which `find_checkpoint` uses).
 `manifest.json`, written last, lists every file with its size and sha256: loading checks it, so a
 truncated, altered or missing file is named in one line instead of failing somewhere in a loader.
+
+A power cut loses what the page cache had not yet written, and filesystems write a file's data
+after a rename's metadata unless told otherwise: so every file is fsync'ed before the rename that
+publishes it, the directories after it, and the previous version is deleted only once the new one
+is on the disk (the order SQLite and PostgreSQL keep).
 """
 import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +28,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from engine.distributed import is_main
 from engine.errors import UserError
+
+log = logging.getLogger(__name__)
 
 TRAINING_STATE = "training_state.pt"
 RUN_CONFIG = "run_config.json"  # the task settings that inference must reuse (window size, ...)
@@ -44,11 +53,16 @@ def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, trainin
         if training_state is not None:
             torch.save(training_state, temporary / TRAINING_STATE)
         write_manifest(temporary, run_config)
+        fsync_tree(temporary)
         previous = directory.with_name(f"{directory.name}.old")
         if directory.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(directory, previous)
+            if previous.exists():  # an earlier save was cut after its renames: keep the intact one of the two
+                shutil.rmtree(previous if _intact(directory) else directory)
+            if directory.exists():
+                os.replace(directory, previous)
         os.replace(temporary, directory)
+        fsync_path(directory)
+        fsync_path(directory.parent)
         shutil.rmtree(previous, ignore_errors=True)
     # A full disk surfaces as OSError from Python's own writes, but as RuntimeError from torch.save
     # and SafetensorError from safetensors.
@@ -61,10 +75,35 @@ def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, trainin
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a run killed mid-write leaves the previous version."""
+    """Write a whole file or nothing: a run killed mid-write, or a power cut, leaves the previous version."""
+    path = Path(path)
     temporary = path.with_name(f"{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(temporary, path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Make a file's data, or a directory's entries, durable (a directory holds its files' names)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Every file and directory below `directory`, and itself; each directory after what it holds."""
+    for path in sorted(Path(directory).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync_path(path)
+    fsync_path(directory)
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint file that is missing, short or altered: an older intact version can stand in."""
 
 
 def file_sha256(path: Path) -> str:
@@ -85,14 +124,14 @@ def _read_manifest(directory: Path, task: str | None) -> dict | None:
     path = directory / MANIFEST
     if not path.is_file():
         if (directory / RUN_CONFIG).is_file():  # written by train.py, which writes the manifest last
-            raise UserError(f"{directory}: incomplete checkpoint (no {MANIFEST}): its save was interrupted, or it was "
-                            "written by a version of train.py without manifests")
+            raise DamagedCheckpoint(f"{directory}: incomplete checkpoint (no {MANIFEST}): its save was interrupted, or "
+                                    "it was written by a version of train.py without manifests")
         return None  # a model directory from elsewhere: nothing to check it against
     try:
         manifest = json.loads(path.read_text())
         files, version = manifest["files"], manifest["format"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: unreadable manifest ({type(error).__name__}: {error})") from None
+        raise DamagedCheckpoint(f"{path}: unreadable manifest ({type(error).__name__}: {error})") from None
     if version != FORMAT_VERSION:
         raise UserError(f"{directory}: checkpoint format {version}, but this version of the code reads format "
                         f"{FORMAT_VERSION}")
@@ -101,10 +140,10 @@ def _read_manifest(directory: Path, task: str | None) -> dict | None:
     for name, expected in files.items():
         file = directory / name
         if not file.is_file():
-            raise UserError(f"{file}: missing from the checkpoint (listed in its {MANIFEST})")
+            raise DamagedCheckpoint(f"{file}: missing from the checkpoint (listed in its {MANIFEST})")
         if file.stat().st_size != expected["bytes"]:
-            raise UserError(f"{file}: {file.stat().st_size} bytes, but the checkpoint's {MANIFEST} says "
-                            f"{expected['bytes']}: the file is truncated or was replaced")
+            raise DamagedCheckpoint(f"{file}: {file.stat().st_size} bytes, but the checkpoint's {MANIFEST} says "
+                                    f"{expected['bytes']}: the file is truncated or was replaced")
     return manifest
 
 
@@ -123,7 +162,7 @@ def verified_checkpoint(directory: Path, task: str | None = None):
         yield
         return
     with ThreadPoolExecutor(1) as pool:
-        digests = pool.submit(lambda: {name: file_sha256(directory / name) for name in manifest["files"]})
+        digests = pool.submit(_digests, directory, manifest)
         try:
             yield
         except Exception:
@@ -132,11 +171,30 @@ def verified_checkpoint(directory: Path, task: str | None = None):
         _compare_digests(directory, manifest, digests.result())
 
 
+def _digests(directory: Path, manifest: dict) -> dict:
+    return {name: file_sha256(directory / name) for name in manifest["files"]}
+
+
+def _check_in_full(directory: Path, task: str | None) -> None:
+    """All of `verified_checkpoint`'s checks, before anything is loaded."""
+    manifest = _read_manifest(directory, task)
+    if manifest is not None:
+        _compare_digests(directory, manifest, _digests(directory, manifest))
+
+
+def _intact(directory: Path) -> bool:
+    try:
+        _check_in_full(directory, None)
+    except UserError:
+        return False
+    return True
+
+
 def _compare_digests(directory: Path, manifest: dict, digests: dict) -> None:
     for name, expected in manifest["files"].items():
         if digests[name] != expected["sha256"]:
-            raise UserError(f"{directory / name}: its content differs from the checkpoint's {MANIFEST} (sha256): the "
-                            "file was altered or damaged")
+            raise DamagedCheckpoint(f"{directory / name}: its content differs from the checkpoint's {MANIFEST} "
+                                    "(sha256): the file was altered or damaged")
 
 
 @contextlib.contextmanager
@@ -150,6 +208,7 @@ def output_directory_lock(directory: Path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path, "a+")
+        fsync_path(path.parent.parent)  # a new output directory's name, before checkpoints are published in it
     except OSError as error:
         raise UserError(f"{directory}: cannot write to the output directory ({error.strerror or error})") from None
     with lock:
@@ -169,16 +228,40 @@ def output_directory_lock(directory: Path):
         yield
 
 
-def find_checkpoint(directory: Path, in_run_directory: str) -> Path:
-    """The checkpoint at `directory`, or its previous version if a save was interrupted; given a
-    run's output directory (train.py --output-dir), its checkpoint named `in_run_directory`."""
+def find_checkpoint(directory: Path, in_run_directory: str, task: str | None = None) -> Path:
+    """The checkpoint at `directory`, or, given a run's output directory (train.py --output-dir), its
+    checkpoint named `in_run_directory`: its newest intact version (see `_newest_intact`)."""
     directory = Path(directory)
     for candidate in (directory, directory / in_run_directory):
-        for version in (candidate, candidate.with_name(f"{candidate.name}.old")):
-            if (version / "config.json").is_file() or (version / "adapter_config.json").is_file():
-                return version
+        versions = [version for version in (candidate, candidate.with_name(f"{candidate.name}.old"))
+                    if any((version / name).is_file() for name in ("config.json", "adapter_config.json", MANIFEST))]
+        if versions:
+            return _newest_intact(versions, task)
     raise UserError(f"{directory}: no checkpoint there (expected a model directory with config.json, a LoRA "
                     f"adapter with adapter_config.json, or a run directory with {in_run_directory}/)")
+
+
+def _newest_intact(versions: list[Path], task: str | None) -> Path:
+    """The first of `versions` (newest first) that is intact, with one warning naming what was damaged
+    in a newer one; one error line when none is.
+
+    Two versions are left only by a save cut between its renames and its deletion of the older one
+    (a kill or a power cut): then each is hashed in full before it is chosen, since a power cut can
+    leave a file its full size but not its content.
+    """
+    damaged = []
+    for version in versions:
+        try:
+            _check_in_full(version, task) if len(versions) > 1 else _read_manifest(version, task)
+        except DamagedCheckpoint as error:
+            damaged.append(error)
+            continue
+        if damaged and is_main():
+            log.warning("%s; using the previous version, %s", damaged[0], version)
+        return version
+    if len(damaged) == 1:
+        raise damaged[0]
+    raise DamagedCheckpoint("; ".join(map(str, damaged)) + ": no intact version is left")
 
 
 def load_run_config(directory: Path) -> dict:

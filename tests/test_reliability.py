@@ -3,11 +3,14 @@ same output directory, damaged checkpoints. Each ends in an exact resume or in o
 import errno
 import io
 import json
+import logging
 import math
+import os
 import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ import predict
 import train
 from bench.kill_soak import differences, run_with_kills
 from conftest import PREDICT_FLAGS, one_line, tiny_args, tiny_run, training_state, weights
-from engine.checkpoint import MANIFEST, output_directory_lock, verified_checkpoint
+from engine.checkpoint import MANIFEST, atomic_write_text, output_directory_lock, save_checkpoint, verified_checkpoint
 from engine.errors import UserError
 from qa.task import QATask
 
@@ -229,3 +232,206 @@ def test_resume_from_a_damaged_training_state_or_of_another_task_is_refused(fini
     with pytest.raises(UserError) as error:
         train.main(argv)
     one_line(error, str(state), "sha256")
+
+
+def on_disk(stat: os.stat_result) -> tuple:
+    """What an fsync made durable, which a later rename keeps: the inode as it was then."""
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+class DiskOperations:
+    """The project's os.fsync, os.replace and shutil.rmtree calls, in order; `skip` drops the fsyncs
+    of the paths it accepts, to show that `order_violations` catches a missing one."""
+
+    OURS = ("engine.", "data.", "qa.", "clm.", "train")
+
+    def __init__(self, monkeypatch, skip=lambda path: False):
+        self.events = []
+        real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+
+        def ours() -> bool:
+            return sys._getframe(2).f_globals.get("__name__", "").startswith(self.OURS)
+
+        def fsync(descriptor):
+            path = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+            if not skip(path):
+                real_fsync(descriptor)
+                self.events.append(("fsync", path, on_disk(os.fstat(descriptor))))
+
+        def replace(source, destination):
+            if ours():
+                source, destination = Path(source).resolve(), Path(destination).resolve()
+                published = [source, *(source.rglob("*") if source.is_dir() else ())]
+                self.events.append(("replace", destination, [(p, on_disk(p.stat())) for p in published]))
+            real_replace(source, destination)
+
+        def rmtree(path, *args, **kwargs):
+            if ours() and Path(path).exists():
+                self.events.append(("delete", Path(path).resolve(), None))
+            real_rmtree(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+
+def order_violations(events: list) -> list[str]:
+    """A rename must come after the fsync of everything it publishes; a deletion, and the end, after
+    the fsync of the directory of every rename before it (the rename is on the disk only then)."""
+    durable, awaiting, violations = set(), {}, []
+    for kind, path, detail in events:
+        if kind == "fsync":
+            durable.add(detail)
+            awaiting.pop(path, None)
+        elif kind == "replace":
+            violations += [f"{path} published before the fsync of {p}" for p, state in detail if state not in durable]
+            awaiting[path.parent] = path
+        elif awaiting:
+            violations += [f"{path} deleted before the fsync of {d} made {p} durable" for d, p in awaiting.items()]
+    return violations + [f"{p} renamed but {d} never fsync'ed" for d, p in awaiting.items()]
+
+
+def write_everything(output_dir, model_dir, tokenizer):
+    """A checkpoint saved twice (the second replaces a previous version), a results file, a token cache."""
+    from transformers import AutoModelForCausalLM
+
+    from data.text_blocks import token_stream
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    for step in (1, 2):
+        save_checkpoint(output_dir / "latest", model, tokenizer, {"task": "clm"}, {"step": step})
+    atomic_write_text(output_dir / "results.json", "{}")
+    token_stream(iter(["One document.", "Another one."]), tokenizer, output_dir / "cache", {"content": "two"})
+
+
+MISSING_FSYNC = {  # what to leave out -> a path the violation must name
+    "a checkpoint file": (lambda p: p.name == "model.safetensors", "model.safetensors"),
+    "the checkpoint directory": (lambda p: p.name == "latest.tmp", "latest.tmp"),
+    "the output directory after a rename": (lambda p: p.name == "out", "out never fsync'ed"),
+    "results.json": (lambda p: p.name == "results.json.tmp", "results.json.tmp"),
+    "the token cache": (lambda p: p.suffix.startswith(".tmp") and p.suffix != ".tmp", ".tokens"),  # NAME.tmpPID
+}
+
+
+@pytest.mark.parametrize("missing", [None, *MISSING_FSYNC])
+def test_nothing_is_renamed_or_deleted_before_it_is_on_the_disk(tiny_llama_dir, tiny_tokenizer, tmp_path, monkeypatch,
+                                                                 missing):
+    skip, named = MISSING_FSYNC[missing] if missing else (lambda path: False, None)
+    disk = DiskOperations(monkeypatch, skip)
+    write_everything(tmp_path / "out", tiny_llama_dir, tiny_tokenizer)
+    assert [e[1].name for e in disk.events if e[0] == "delete"] == ["latest.old"]
+    violations = order_violations(disk.events)
+    if missing is None:
+        assert not violations, violations
+    else:
+        assert any(named in v for v in violations), violations
+
+
+def test_a_save_after_a_cut_one_keeps_the_intact_version(tiny_llama_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    """A cut between a save's renames and its deletion leaves two versions; if the newer is the
+    damaged one, the next save deletes it, never the intact one it may have resumed from."""
+    write_everything(tmp_path / "out", tiny_llama_dir, tiny_tokenizer)
+    latest = tmp_path / "out" / "latest"
+    shutil.copytree(latest, latest.with_name("latest.old"))
+    (latest / "model.safetensors").write_bytes(b"")
+    disk = DiskOperations(monkeypatch)
+    write_everything(tmp_path / "out", tiny_llama_dir, tiny_tokenizer)
+    assert [e[1].name for e in disk.events if e[0] == "delete"][:2] == ["latest", "latest.old"]
+    assert not order_violations(disk.events)
+    with verified_checkpoint(latest):
+        pass
+
+
+def empty_every_file(directory):
+    for path in directory.iterdir():
+        path.write_bytes(b"")
+
+
+def zero_the_weights(directory):
+    """What XFS can leave: the file its full size, its content never written."""
+    path = directory / "model.safetensors"
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+POWER_CUTS = {"every file emptied": (empty_every_file, "manifest.json"),
+              "weights zeroed at full size": (zero_the_weights, "model.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def run_with_previous_version(tmp_path_factory, tiny_model_dir):
+    """A finished run's argv and output directory, and a copy of the version of latest/ saved at an
+    earlier step than the last."""
+    output_dir = tmp_path_factory.mktemp("power-cut")
+    copies, real_save = output_dir.parent / f"{output_dir.name}-latest", train.save_checkpoint
+
+    def save_and_copy(directory, *args):
+        real_save(directory, *args)
+        if directory.name == "latest":
+            step = training_state(directory)["state"]["step"]
+            shutil.copytree(directory, copies / f"{step:03d}", dirs_exist_ok=True)
+
+    argv = tiny_args(tiny_model_dir, output_dir, "--max-steps", "6", "--no-eval-before-training")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "save_checkpoint", save_and_copy)
+        train.main(argv)
+    *_, previous, last = sorted(copies.iterdir())
+    assert last.name == "006"
+    return argv, output_dir, previous
+
+
+def cut_power(run_with_previous_version, tmp_path, damage, keep_previous=True):
+    """The run's directory as a power cut between the last save's renames and its deletion leaves it,
+    had that save not fsync'ed: the new latest/ damaged, the previous version as latest.old."""
+    argv, finished, previous = run_with_previous_version
+    output_dir = shutil.copytree(finished, tmp_path / "run")
+    if keep_previous:
+        shutil.copytree(previous, output_dir / "latest.old")
+    POWER_CUTS[damage][0](output_dir / "latest")
+    return [*argv[:argv.index("--output-dir")], *argv[argv.index("--output-dir") + 2:], "--output-dir", str(output_dir)]
+
+
+def warnings_naming(caplog, text):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+@pytest.mark.parametrize("damage", list(POWER_CUTS))
+def test_resume_after_a_power_cut_falls_back_to_the_previous_version(run_with_previous_version, tmp_path, caplog,
+                                                                     damage):
+    argv = cut_power(run_with_previous_version, tmp_path, damage)
+    output_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        train.main([*argv, "--resume"])
+    [warning] = warnings_naming(caplog, "latest.old")
+    assert str(output_dir / "latest" / POWER_CUTS[damage][1]) in warning and "\n" not in warning
+    finished = run_with_previous_version[1]
+    a, b = weights(finished / "latest"), weights(output_dir / "latest")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run did not end where the uninterrupted one did"
+    assert training_state(output_dir / "latest")["state"]["step"] == 6
+    assert not (output_dir / "latest.old").exists()
+
+
+def test_resume_after_a_power_cut_with_no_intact_version_stops_in_one_line(run_with_previous_version, tmp_path):
+    argv = cut_power(run_with_previous_version, tmp_path, "every file emptied", keep_previous=False)
+    with pytest.raises(UserError) as error:
+        train.main([*argv, "--resume"])
+    one_line(error, str(tmp_path / "run" / "latest" / "manifest.json"), "unreadable manifest")
+    shutil.copytree(run_with_previous_version[2], tmp_path / "run" / "latest.old")
+    zero_the_weights(tmp_path / "run" / "latest.old")
+    with pytest.raises(UserError) as error:
+        train.main([*argv, "--resume"])
+    one_line(error, "latest/manifest.json", "latest.old/model.safetensors", "no intact version is left")
+
+
+def test_predict_after_a_power_cut_uses_the_previous_best_or_stops_in_one_line(finished_run, tmp_path, caplog):
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    shutil.copytree(run / "best", run / "best.old")
+    empty_every_file(run / "best")
+    question = ["--checkpoint", str(run), "--question", "Who?", "--context", "Nobody.", *PREDICT_FLAGS]
+    with caplog.at_level(logging.WARNING):
+        predict.main(question)
+    [warning] = warnings_naming(caplog, "best.old")
+    assert str(run / "best" / "manifest.json") in warning
+    shutil.rmtree(run / "best.old")
+    with pytest.raises(UserError) as error:
+        predict.main(question)
+    one_line(error, str(run / "best" / "manifest.json"))

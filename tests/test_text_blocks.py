@@ -2,6 +2,7 @@
 cache reuse and invalidation, and one-line errors for unusable text."""
 import gzip
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -108,6 +109,22 @@ def test_unusable_text_is_one_clear_error(tmp_path, tiny_tokenizer, content, mes
     path.write_bytes(content)
     with pytest.raises(UserError, match=message):
         stream(tiny_tokenizer, path, tmp_path / "cache")
+
+
+def test_a_cache_entry_damaged_by_a_power_cut_is_built_again(tmp_path, tiny_tokenizer, caplog):
+    """Entries written before the cache fsync'ed its files can be found short, or with empty metadata."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    cache = tmp_path / "cache"
+    first = stream(tiny_tokenizer, path, cache).tolist()
+    [tokens], [meta] = cache.glob("*.tokens"), cache.glob("*.json")
+    for damaged, named in ((tokens, "bytes, but its cache entry says"), (meta, "damaged token cache entry")):
+        damaged.write_bytes(b"")
+        caplog.clear()
+        assert stream(tiny_tokenizer, path, cache).tolist() == first
+        [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.startswith(str(damaged)) and named in warning and "tokenizing again" in warning
+        assert tokens.stat().st_size == 2 * len(first)
 
 
 @pytest.mark.parametrize("content", [b"", b"  \n\n \t\n"])
