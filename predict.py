@@ -24,7 +24,7 @@ from pathlib import Path
 from clm.generation import generate_text, prompt_ids
 from data.squad import SquadExample, SquadExamples
 from data.text_files import read_text
-from engine.checkpoint import find_checkpoint, load_run_config, verified_checkpoint
+from engine.checkpoint import atomic_write_text, find_checkpoint, load_run_config, verified_checkpoint
 from engine.device import configure_device, out_of_memory_as_error, pick_device, pick_precision
 from engine.errors import UserError, run_cli
 from models.backbones import load_tokenizer
@@ -230,7 +230,7 @@ def main(argv=None) -> None:
     answers = {qid: p.text for qid, p in predictions.items()}
     if args.input:
         if args.output:
-            Path(args.output).write_text(json.dumps(answers, indent=1, ensure_ascii=False))
+            atomic_write_text(Path(args.output), json.dumps(answers, indent=1, ensure_ascii=False))
             print(f"wrote {len(answers)} answers to {args.output}", file=sys.stderr)
         elif not args.json:
             print(json.dumps(answers, indent=1, ensure_ascii=False))

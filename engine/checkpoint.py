@@ -75,9 +75,10 @@ def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, trainin
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a run killed mid-write, or a power cut, leaves the previous version."""
+    """Write a whole file or nothing: a run killed mid-write, or a power cut, leaves the previous version.
+    The temporary name is the process's own, since processes under torchrun may write the same file."""
     path = Path(path)
-    temporary = path.with_name(f"{path.name}.tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(temporary, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

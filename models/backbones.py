@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from engine.checkpoint import fsync_path, fsync_tree
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ def dequantized_gguf(path: Path) -> str:
     Dequantizing a GGUF file and converting its tokenizer takes about 20 s for SmolLM2-135M, at every
     start; the plain copy loads in a second. It is written once, under $FINETUNE_GGUF_CACHE (default
     ~/.cache/finetune/gguf), in a directory keyed by the file's size and SHA-256, so an edited or
-    replaced file gets a new copy. Written to a temporary directory and renamed into place, so that
-    a run killed while writing, or two processes writing at once, leave no half copy.
+    replaced file gets a new copy. Written to a temporary directory, fsync'ed and renamed into place,
+    so that a run killed while writing, two processes writing at once, or a power cut leave no half copy.
     """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -82,7 +83,9 @@ def dequantized_gguf(path: Path) -> str:
     try:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
+        fsync_tree(temporary)
         os.replace(temporary, target)
+        fsync_path(target.parent)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
         if not (target / "config.json").is_file():  # not another process's copy landing first
