@@ -1,7 +1,7 @@
 """What making a checkpoint durable costs: `save_checkpoint` as train.py calls it, with its fsyncs
 and with them turned off, for MiniLM (extractive QA) and SmolLM2-135M (causal LM) checkpoints.
 
-    python bench/checkpoint_fsync.py --directory /where/runs/write --report bench/results/checkpoint_fsync.md
+    python bench/checkpoint_fsync.py --directory /where/runs/write
 
 The fsyncs cost what the disk takes to write the checkpoint, so measure on the disk the runs write
 to (--directory). `latest/` carries the training state (AdamW moments: twice the weights again),
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import engine.checkpoint  # noqa: E402
 from bench.machine import cpu_description  # noqa: E402
+from bench.qa_squad import write_report  # noqa: E402
 from engine.checkpoint import save_checkpoint  # noqa: E402
 from models.backbones import load_model, load_tokenizer, resolve_model  # noqa: E402
 
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--directory", default=tempfile.gettempdir(), help="where to save (the disk runs write to)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--report", help="write the markdown report here")
+    p.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "checkpoint_fsync.md")
     args = p.parse_args()
     disk = subprocess.run(["df", "-T", args.directory], capture_output=True, text=True).stdout.splitlines()[-1].split()
     with tempfile.TemporaryDirectory(dir=args.directory) as work:
@@ -84,10 +85,7 @@ def main() -> None:
         "| model | checkpoint | MB | save s, no fsync | save s, fsync | fsync cost s | ratio |", "|---|---|---|---|---|---|---|",
         *rows,
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.report:
-        Path(args.report).write_text(report)
+    write_report(args.report, lines)
 
 
 if __name__ == "__main__":
