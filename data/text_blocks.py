@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from data.jsonl import jsonl_records
 from data.text_files import read_errors_reported, text_lines
-from engine.checkpoint import atomic_write_text, fsync_path
+from engine.checkpoint import atomic_write_text, publish
 from engine.errors import UserError
 from engine.progress import progress
 
@@ -155,13 +155,10 @@ def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict
                 np.asarray(ids + [eos], dtype=dtype).tofile(out)
                 tokens += len(ids) + 1
             documents_done += len(batch)
-        out.flush()
-        os.fsync(out.fileno())
     if tokens == 0:  # nothing to cache; the caller says why that is a problem
         temporary.unlink()
         return np.zeros(0, dtype=dtype)
-    os.replace(temporary, path)
-    fsync_path(cache_dir)
+    publish(temporary, path)
     # The metadata is written last, once the tokens are on the disk: its presence marks a complete entry.
     meta = {"dtype": np.dtype(dtype).name, "tokens": tokens, "documents": documents_done, "key": key}
     atomic_write_text(meta_path, json.dumps(meta))

@@ -53,17 +53,14 @@ def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, trainin
         if training_state is not None:
             torch.save(training_state, temporary / TRAINING_STATE)
         write_manifest(temporary, run_config)
-        fsync_tree(temporary)
         previous = directory.with_name(f"{directory.name}.old")
         if directory.exists():
             if previous.exists():  # an earlier save was cut after its renames: keep the intact one of the two
                 shutil.rmtree(previous if _intact(directory) else directory)
             if directory.exists():
                 os.replace(directory, previous)
-        os.replace(temporary, directory)
-        fsync_path(directory)
-        fsync_path(directory.parent)
-        shutil.rmtree(previous, ignore_errors=True)
+        publish(temporary, directory)
+        shutil.rmtree(previous, ignore_errors=True)  # only now: the new version is on the disk
     # A full disk surfaces as OSError from Python's own writes, but as RuntimeError from torch.save
     # and SafetensorError from safetensors.
     except (OSError, RuntimeError, SafetensorError) as error:
@@ -79,12 +76,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     The temporary name is the process's own, since processes under torchrun may write the same file."""
     path = Path(path)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    fsync_path(path.parent)
+    temporary.write_text(text, encoding="utf-8")
+    publish(temporary, path)
+
+
+def publish(temporary: Path, target: Path) -> None:
+    """Rename a finished file or directory into place so that it survives a power cut: what it holds
+    reaches the disk before the rename, and the rename before this returns."""
+    fsync_tree(temporary)
+    os.replace(temporary, target)
+    fsync_path(Path(target).parent)
 
 
 def fsync_path(path: Path) -> None:
@@ -96,11 +97,11 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
-def fsync_tree(directory: Path) -> None:
-    """Every file and directory below `directory`, and itself; each directory after what it holds."""
-    for path in sorted(Path(directory).rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        fsync_path(path)
-    fsync_path(directory)
+def fsync_tree(path: Path) -> None:
+    """A file, or a directory with everything below it, each directory after what it holds."""
+    for below in sorted(Path(path).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync_path(below)
+    fsync_path(path)
 
 
 class DamagedCheckpoint(UserError):
@@ -253,7 +254,10 @@ def _newest_intact(versions: list[Path], task: str | None) -> Path:
     damaged = []
     for version in versions:
         try:
-            _check_in_full(version, task) if len(versions) > 1 else _read_manifest(version, task)
+            if len(versions) > 1:
+                _check_in_full(version, task)
+            else:
+                _read_manifest(version, task)
         except DamagedCheckpoint as error:
             damaged.append(error)
             continue

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.checkpoint import fsync_path, fsync_tree
+from engine.checkpoint import publish
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,7 @@ def dequantized_gguf(path: Path) -> str:
     try:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
-        fsync_tree(temporary)
-        os.replace(temporary, target)
-        fsync_path(target.parent)
+        publish(temporary, target)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
         if not (target / "config.json").is_file():  # not another process's copy landing first
