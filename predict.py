@@ -199,6 +199,8 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
     generating = None if is_interactive(args) else args.prompt is not None or bool(args.prompt_file)
     examples = read_examples(args) if generating is False else None  # checked before the slow loading
+    if args.output and not Path(args.output).absolute().parent.is_dir():
+        raise UserError(f"--output {args.output}: the directory {Path(args.output).absolute().parent} does not exist")
     settings, tokenizer, model, generating = load_checkpoint(args, generating)
     device = pick_device(args.device)
     precision, _ = pick_precision(args.precision, device)
@@ -230,7 +232,10 @@ def main(argv=None) -> None:
     answers = {qid: p.text for qid, p in predictions.items()}
     if args.input:
         if args.output:
-            atomic_write_text(Path(args.output), json.dumps(answers, indent=1, ensure_ascii=False))
+            try:
+                atomic_write_text(Path(args.output), json.dumps(answers, indent=1, ensure_ascii=False))
+            except OSError as error:
+                raise UserError(f"{args.output}: cannot write the predictions ({error.strerror or error})") from None
             print(f"wrote {len(answers)} answers to {args.output}", file=sys.stderr)
         elif not args.json:
             print(json.dumps(answers, indent=1, ensure_ascii=False))

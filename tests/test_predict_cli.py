@@ -1,5 +1,6 @@
 """predict.py as a user runs it, on a checkpoint from a tiny training run."""
 import io
+import errno
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 
 import predict
 import train
-from conftest import ROOT, VALIDATION_SAMPLE, assert_one_line_error, run_script, write_jsonl
+from conftest import ROOT, VALIDATION_SAMPLE, assert_one_line_error, one_line, run_script, write_jsonl
 from engine.errors import UserError
 
 CONTEXT = "The Amazon river flows through Brazil and empties into the Atlantic Ocean near the city of Belem."
@@ -77,6 +78,23 @@ def test_input_jsonl_without_answers_to_output_file(checkpoint, tmp_path, capsys
     for record in records:
         assert answers[record["id"]] and answers[record["id"]] in record["context"]
     assert "EM" not in err  # nothing to score without gold answers
+
+
+def test_an_output_file_that_cannot_be_written_is_one_line(checkpoint, tmp_path, monkeypatch):
+    def predict_into(output):
+        with pytest.raises(UserError) as error:
+            predict.main(["--checkpoint", str(checkpoint), "--input", str(VALIDATION_SAMPLE), "--output", str(output),
+                          *FLAGS])
+        return error
+
+    missing = tmp_path / "no-such-directory" / "predictions.json"
+    one_line(predict_into(missing), "--output", str(missing.parent), "does not exist")
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(predict, "atomic_write_text", full_disk)
+    one_line(predict_into(tmp_path / "predictions.json"), "predictions.json", "No space left on device")
 
 
 def test_input_with_answers_is_scored(checkpoint, tmp_path, capsys):
