@@ -136,13 +136,6 @@ def step_plan(batch: list[int], lengths, ranks: int, micro_batch_size: int) -> l
     return plans
 
 
-def longest_first_batches(lengths, batch_size: int) -> list[list[int]]:
-    """Evaluation batches, longest features first: little padding, and any out-of-memory error
-    comes at once."""
-    order = np.argsort(-np.asarray(lengths), kind="stable").tolist()
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 class PadToLongest:
     """Collate features into a batch padded only to its longest member (dynamic padding).
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from data.jsonl import jsonl_records
 from data.text_files import read_errors_reported, text_lines
-from engine.checkpoint import atomic_write_text, publish
+from engine.files import atomic_write_text, publish
 from engine.errors import UserError
 from engine.progress import progress
 
@@ -207,6 +207,7 @@ class GroupedTextBlocks(Dataset):
         targets = len(tokens) - 1
         self.num_blocks = targets // block_size if drop_last else -(-targets // block_size)
         self.lengths = np.full(self.num_blocks, block_size, dtype=np.int64)
+        self.paragraph_ids = None  # blocks share no paragraphs: a grouped batch may take any of them
         if self.num_blocks and not drop_last:
             self.lengths[-1] = targets - (self.num_blocks - 1) * block_size
 

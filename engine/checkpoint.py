@@ -12,8 +12,8 @@ truncated, altered or missing file is named in one line instead of failing somew
 
 A power cut loses what the page cache had not yet written, and filesystems write a file's data
 after a rename's metadata unless told otherwise: so every file is fsync'ed before the rename that
-publishes it, the directories after it, and the previous version is deleted only once the new one
-is on the disk (the order SQLite and PostgreSQL keep).
+publishes it, the directories after it (engine/files.py), and the previous version is deleted only
+once the new one is on the disk.
 """
 import contextlib
 import errno
@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from safetensors import SafetensorError
 
 from engine.distributed import is_main
 from engine.errors import UserError
+from engine.files import fsync_path, publish
 
 log = logging.getLogger(__name__)
 
@@ -69,39 +71,6 @@ def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, trainin
         free = shutil.disk_usage(directory.parent).free / 2**20 if directory.parent.exists() else 0
         raise UserError(f"{directory}: cannot save the checkpoint ({reason}; {free:.0f} MB free there); the "
                         f"previous {directory.name}/ is kept") from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a run killed mid-write, or a power cut, leaves the previous version.
-    The temporary name is the process's own, since processes under torchrun may write the same file."""
-    path = Path(path)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    publish(temporary, path)
-
-
-def publish(temporary: Path, target: Path) -> None:
-    """Rename a finished file or directory into place so that it survives a power cut: what it holds
-    reaches the disk before the rename, and the rename before this returns."""
-    fsync_tree(temporary)
-    os.replace(temporary, target)
-    fsync_path(Path(target).parent)
-
-
-def fsync_path(path: Path) -> None:
-    """Make a file's data, or a directory's entries, durable (a directory holds its files' names)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def fsync_tree(path: Path) -> None:
-    """A file, or a directory with everything below it, each directory after what it holds."""
-    for below in sorted(Path(path).rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        fsync_path(below)
-    fsync_path(path)
 
 
 class DamagedCheckpoint(UserError):
@@ -277,6 +246,19 @@ def load_run_config(directory: Path) -> dict:
         return {}
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: unreadable run configuration ({error})") from None
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """What a checkpoint holds for a run to resume from it."""
+
+    directory: Path
+    run_config: dict  # the task's (run_config.json)
+    training_state: dict  # the loop's (training_state.pt): optimizer, schedule, data position, random state
+
+
+def load_saved_run(directory: Path) -> SavedRun:
+    return SavedRun(Path(directory), load_run_config(directory), load_training_state(directory))
 
 
 def load_training_state(directory: Path) -> dict:

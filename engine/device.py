@@ -13,12 +13,26 @@ the CUDA path is one short file to read, and a test can stand in for a GPU by mo
 import contextlib
 import ctypes
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine.errors import UserError
+from engine.settings import setting
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """device and precision"""
+
+    device: str = setting("auto", "auto (CUDA, else Apple MPS, else CPU), or cpu, cuda, cuda:1, mps")
+    precision: str = setting("auto", "autocast precision; auto: bf16 on GPUs that support it, fp16 on older GPUs; on "
+                                     "a CPU, bf16 where it was measured faster than fp32 on that kind of CPU (the log "
+                                     "says why)", choices=PRECISIONS)
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -6,7 +6,6 @@ acts as for a single process (rank 0 of 1) and costs nothing.
 """
 import contextlib
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -227,34 +226,3 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
-
-
-FAILURES_KEY = "failed_processes"
-
-
-def first_to_fail() -> bool:
-    """Whether this process is the first of the job to fail, and so the one to report it.
-
-    Under torchrun, once one process fails the others fail too (a collective loses its peer, or
-    they hit the same bad input): only the first, counted in the job's key-value store, speaks.
-    """
-    if not is_distributed():
-        # Before the process group exists there is nothing to count with, but every process has
-        # checked the same arguments: rank 0 speaks, and the others give it a few seconds (torchrun
-        # stops them as soon as it exits) before they speak for themselves.
-        if int(os.environ.get("RANK", "0")) != 0:
-            time.sleep(5)
-        return True
-    try:
-        return dist.distributed_c10d._get_default_store().add(FAILURES_KEY, 1) == 1
-    except Exception:  # noqa: BLE001 - the store went down with a process that failed first
-        return False
-
-
-def another_process_failed() -> bool:
-    if not is_distributed():
-        return False
-    try:
-        return dist.distributed_c10d._get_default_store().add(FAILURES_KEY, 0) > 0
-    except Exception:  # noqa: BLE001 - as above
-        return True

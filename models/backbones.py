@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.checkpoint import publish
+from engine.files import publish
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from engine.errors import UserError
-from models.backbones import DECODER_ONLY, ENCODER_DECODER, architecture, load_model, resolve_model
+from models.backbones import DECODER_ONLY, ENCODER_DECODER, architecture
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,6 @@ def load_lora(model, directory, trainable: bool):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
-
-
-def load_trained_model(checkpoint, settings: dict, trainable: bool = False, attention_dropout: float | None = None):
-    """A model saved by train.py: full weights, or a LoRA adapter put back on its base model."""
-    if settings.get("lora"):
-        base = load_model(resolve_model(settings["base_model"]), settings["model_kind"], attention_dropout)
-        return load_lora(base, checkpoint, trainable)
-    return load_model(str(checkpoint), settings["model_kind"], attention_dropout)
 
 
 def is_lora(model) -> bool:

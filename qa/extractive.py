@@ -6,13 +6,11 @@ and predict.py both call it, so they cannot drift apart.
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from data.batching import PadToLongest, longest_first_batches
+from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
-from engine.device import autocast_for_pass, pins_memory, to_device
-from engine.distributed import gather_to_main, is_main, shard_indices
+from engine.device import to_device
+from engine.inference import sharded_pass
 from qa.postprocess import predict_spans
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -35,8 +33,6 @@ def span_loss(model, batch: dict) -> torch.Tensor:
     return (start + end) / 2
 
 
-# no_grad, not inference_mode: FSDP gathers weights into tensors that training updates in place later
-@torch.no_grad()
 def val_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     outputs = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
     return outputs.start_logits.float(), outputs.end_logits.float()
@@ -44,32 +40,19 @@ def val_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def window_logits(model, features: SquadFeatures, batch_size: int, device, precision: str):
     """Start/end logits for every window, as [num_features, longest] arrays in feature order; under
-    torchrun each process runs a share of the batches and rank 0 gets them all (the others None).
+    torchrun each process runs a share of the batches and rank 0 gets them all (the others None)."""
+    def step(model, batch):
+        return val_step(model, to_device({k: v for k, v in batch.items() if k in MODEL_INPUTS}, device))
 
-    Windows are run longest first (little padding, and any out-of-memory error comes at once) and
-    put back in place by the rows each batch was collated from.
-    """
-    model.eval()
-    batches = longest_first_batches(features.lengths, batch_size)
-    mine = [batches[i] for i in shard_indices(len(batches), model)]
-    loader = DataLoader(features, batch_sampler=mine, collate_fn=PadToLongest(features.pad_token_id),
-                        pin_memory=pins_memory(device))
-    computed = []
-    progress = tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main())
-    with autocast_for_pass(model, device, precision):
-        for rows, batch in zip(mine, progress):  # the loader collates each list of rows in its order
-            batch = to_device({k: v for k, v in batch.items() if k in MODEL_INPUTS}, device)
-            start, end = val_step(model, batch)
-            start, end = torch.stack([start, end]).cpu().numpy()  # one copy to the host per batch
-            computed.append((rows, start, end))
-    gathered = gather_to_main(computed)
-    if gathered is None:
+    passes = sharded_pass(model, features, features.lengths, batch_size, PadToLongest(features.pad_token_id), device,
+                          precision, step, "evaluate")
+    if passes is None:
         return None
     shape = (len(features), int(features.lengths.max()))
     start_logits, end_logits = np.full(shape, -np.inf, np.float32), np.full(shape, -np.inf, np.float32)
-    for rows, start, end in (part for share in gathered for part in share):
-        start_logits[rows, : start.shape[1]] = start
-        end_logits[rows, : end.shape[1]] = end
+    for rows, (start, end) in passes:
+        start_logits[rows, : start.shape[1]] = start.numpy()
+        end_logits[rows, : end.shape[1]] = end.numpy()
     return start_logits, end_logits
 
 

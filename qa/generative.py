@@ -8,13 +8,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from data.batching import PadToLongest, longest_first_batches
+from data.batching import PadToLongest
 from data.generative_features import GenerativeQAFeatures
-from engine.device import autocast_for_pass, pins_memory, to_device
-from engine.distributed import gather_to_main, is_main, is_sharded, shard_indices
+from engine.device import to_device
+from engine.distributed import is_sharded
+from engine.inference import sharded_pass
 from models.lm_head_loss import final_hidden_states, lm_head_loss
 
 
@@ -70,44 +69,34 @@ class GenerativeQA:
         answers = self.generate(model, features, device, precision, batch_size)
         return None if answers is None else choose_answers(features, answers)
 
-    # no_grad, not inference_mode: FSDP gathers weights into tensors that training updates in place later
-    @torch.no_grad()
     def generate(self, model, features: GenerativeQAFeatures, device, precision: str, batch_size: int) -> list[GeneratedAnswer] | None:
         """An answer for every window, in feature order; under torchrun each process generates for a
-        share of the batches and rank 0 gets them all (the others None). Windows run longest first
-        (little padding, and an out-of-memory error comes at once) and are put back by the windows
-        each batch was collated from."""
-        model.eval()
+        share of the batches and rank 0 gets them all (the others None)."""
         eos = self.tokenizer.eos_token_id
-        batches = longest_first_batches(features.lengths, batch_size)
-        mine = [batches[i] for i in shard_indices(len(batches), model)]
-        loader = DataLoader(features, batch_sampler=mine, collate_fn=self.collate(features), pin_memory=pins_memory(device))
         # A sharded (FSDP) model must run as many forward passes on every process: generation then
         # goes on to the longest answer of any process.
         synced = is_sharded(model)
-        generated_here = []
-        progress = tqdm(loader, desc="generate", unit="batch", leave=False, disable=len(mine) < 4 or not is_main())
-        with autocast_for_pass(model, device, precision):
-            for windows, batch in zip(mine, progress):  # the loader collates each list of windows in its order
-                prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, device)
-                output = model.generate(
-                    **prompts,
-                    max_new_tokens=self.settings["max_answer_tokens"], num_beams=self.settings["num_beams"],
-                    do_sample=False, eos_token_id=eos, pad_token_id=features.pad_token_id,
-                    output_scores=True, return_dict_in_generate=True, synced_gpus=synced,
-                )
-                tokens, logprobs = token_log_probabilities(model, output, self.settings["num_beams"])
-                generated, logprobs = tokens.tolist(), logprobs.float().tolist()
-                for window, tokens, token_logprobs in zip(windows, generated, logprobs):
-                    length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-                    text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
-                    generated_here.append(GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window))
-        gathered = gather_to_main(generated_here)
-        if gathered is None:
+
+        def step(model, batch):
+            prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, device)
+            output = model.generate(
+                **prompts,
+                max_new_tokens=self.settings["max_answer_tokens"], num_beams=self.settings["num_beams"],
+                do_sample=False, eos_token_id=eos, pad_token_id=features.pad_token_id,
+                output_scores=True, return_dict_in_generate=True, synced_gpus=synced,
+            )
+            return token_log_probabilities(model, output, self.settings["num_beams"])
+
+        passes = sharded_pass(model, features, features.lengths, batch_size, self.collate(features), device, precision,
+                              step, "generate")
+        if passes is None:
             return None
         answers: list[GeneratedAnswer | None] = [None] * len(features)
-        for answer in (a for share in gathered for a in share):
-            answers[answer.window] = answer
+        for windows, (tokens, logprobs) in passes:
+            for window, generated, token_logprobs in zip(windows, tokens.tolist(), logprobs.float().tolist()):
+                length = generated.index(eos) + 1 if eos in generated else len(generated)
+                text = self.tokenizer.decode(generated[:length], skip_special_tokens=True).strip()
+                answers[window] = GeneratedAnswer(text, sum(token_logprobs[:length]) / length, window)
         return answers
 
 

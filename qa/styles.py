@@ -9,6 +9,8 @@ from engine.errors import UserError
 from qa.extractive import ExtractiveQA
 from qa.generative import GenerativeQA
 
+QA_STYLES = ("extractive", "generative")
+
 
 def choose_qa_style(config, requested: str | None) -> tuple[str, str]:
     """(qa_style, model_kind) for a model configuration; model_kind is span, seq2seq or causal-lm."""

@@ -1,53 +1,94 @@
-"""Question answering as a training task for train.py: SQuAD files in, windows to train on, EM/F1 out.
-
-A task gives the training loop what it needs and nothing else: the training set (with lengths for
-batching), its collator, the summed loss and its target count, an evaluation that returns scores,
-and the settings inference must reuse (saved as run_config.json).
-"""
+"""Question answering as a training task for train.py: SQuAD files in, windows to train on, EM/F1 out,
+and the flags of question answering."""
 import json
-import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from data import SAMPLES
 from data.generative_features import DECODER_TEMPLATE, SEQ2SEQ_TEMPLATE
 from data.squad import SquadExamples
-from engine.checkpoint import atomic_write_text, load_run_config
 from engine.errors import UserError
+from engine.files import atomic_write_text
+from engine.settings import HPARAM, TRAJECTORY, setting
+from engine.task import Task
 from models.backbones import load_config, load_tokenizer
 from qa.metrics import best_null_thresholds, squad_scores
-from qa.styles import choose_qa_style, make_qa
-
-log = logging.getLogger(__name__)
+from qa.styles import QA_STYLES, choose_qa_style, make_qa
 
 
-class QATask:
+@dataclass(frozen=True)
+class AnswerSettings:
+    """answers (train.py and predict.py)"""
+
+    max_answer_tokens: int = setting(32, "generative: longest answer, in tokens", at_least=1)
+    num_beams: int = setting(1, "generative: beam search width (1: greedy)", at_least=1)
+    null_score_diff_threshold: float | None = setting(
+        None, "extractive, with unanswerable (SQuAD v2) questions: answer 'no answer' when the null score minus the best "
+              "span's score exceeds this. Unset, train.py scores with 0 and also finds the threshold with the best F1 "
+              "on the validation set (best_f1_thresh), which its checkpoints keep for predict.py")
+
+
+@dataclass(frozen=True)
+class QASettings(AnswerSettings):
+    """question answering (--task qa)"""
+
+    qa_style: str | None = setting(
+        None, "default from the model: encoder-only -> extractive span head; encoder-decoder (T5) and decoder-only "
+              "(GPT-2, Llama) -> generated answers", choices=QA_STYLES, roles=(TRAJECTORY, HPARAM))
+    max_train_samples: int | None = setting(None, "use only the first N training questions, in file order",
+                                            at_least=1, roles=(TRAJECTORY,))
+    max_eval_samples: int | None = setting(None, "use only the first N validation questions, in file order",
+                                           at_least=1)
+    max_seq_length: int = setting(384, "tokens per window (question + context)", at_least=1, roles=(TRAJECTORY,))
+    doc_stride: int = setting(128, "tokens of overlap between consecutive windows of a long context",
+                              roles=(TRAJECTORY,))
+    n_best: int = setting(20, "extractive: start and end candidates per window in the span search", at_least=1)
+    max_answer_length: int = setting(30, "extractive: longest answer span, in tokens", at_least=1)
+    prompt_template: str | None = setting(
+        None, f"generative: with {{question}} and {{context}}; default {SEQ2SEQ_TEMPLATE!r} for seq2seq and "
+              f"{DECODER_TEMPLATE!r} for decoder-only models, inside the model's chat template when it has one",
+        roles=(TRAJECTORY,))
+    no_answer_share: float | None = setting(
+        None, "generative: share of windows without the answer (all windows of unanswerable v2 questions, and windows "
+              "of long contexts that miss it) trained to answer nothing; auto: all if the training data has "
+              "unanswerable questions, else none", auto=True, between=(0, 1), roles=(TRAJECTORY,))
+
+
+class QATask(Task):
     metric, higher_is_better = "f1", True
-    # train.py defaults that differ between tasks
-    DEFAULTS = {"train_file": str(SAMPLES / "squad_train.json"), "validation_file": str(SAMPLES / "squad_validation.json"),
-                "batch_size": 16, "eval_batch_size": 64}
+    scalars = ("exact_match", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact", "best_f1",
+               "best_f1_thresh")
 
-    def __init__(self, args, base_model: str, resume_from: Path | None):
+    @staticmethod
+    def defaults(settings) -> dict:
+        return {"train_file": str(SAMPLES / "squad_train.json"), "validation_file": str(SAMPLES / "squad_validation.json"),
+                "batch_size": 16, "eval_batch_size": 64,
+                "model": "smollm2-135m" if settings.qa_style == "generative" else "minilm-l6"}
+
+    def __init__(self, settings, model_source: str, saved_run_config: dict | None):
         # Data first: a mistake in a file is reported before minutes are spent loading a model.
-        if args.dataset:
-            train_examples = SquadExamples.load(args.dataset, "train", args.max_train_samples)
-            self.eval_examples = SquadExamples.load(args.dataset, "validation", args.max_eval_samples)
+        if settings.dataset:
+            train_examples = SquadExamples.load(settings.dataset, "train", settings.max_train_samples)
+            self.eval_examples = SquadExamples.load(settings.dataset, "validation", settings.max_eval_samples)
         else:
-            train_examples = SquadExamples.load(args.train_file, max_samples=args.max_train_samples)
-            self.eval_examples = SquadExamples.load(args.validation_file, max_samples=args.max_eval_samples)
-        qa_style, model_kind = choose_qa_style(load_config(base_model), args.qa_style)
-        self.tokenizer = load_tokenizer(str(resume_from or base_model))
+            train_examples = SquadExamples.load(settings.train_file, max_samples=settings.max_train_samples)
+            self.eval_examples = SquadExamples.load(settings.validation_file, max_samples=settings.max_eval_samples)
+        qa_style, model_kind = choose_qa_style(load_config(model_source), settings.qa_style)
+        self.tokenizer = load_tokenizer(model_source)
         allow_null = train_examples.has_unanswerable or self.eval_examples.has_unanswerable
-        self.settings = qa_settings(args, qa_style, model_kind, allow_null)
+        self.run_config = qa_run_config(settings, qa_style, model_kind, allow_null)
         # Evaluation decides "no answer" with a fixed threshold (0 unless given); each evaluation also
-        # finds the best one, which the checkpoints carry for predict.py unless one was given.
+        # finds the best one, which the checkpoints carry for predict.py unless one was given: a
+        # resumed run starts from the one its checkpoint carried, as the uninterrupted run would.
         self.eval_null_threshold = None
         if qa_style == "extractive" and allow_null:
-            self.eval_null_threshold = self.settings["null_threshold"]
-            if args.null_score_diff_threshold is None and resume_from:
-                self.settings["null_threshold"] = load_run_config(resume_from)["null_threshold"]
-        self.qa = make_qa(self.settings, self.tokenizer)
-        self.train_set = self.qa.features(train_examples.examples, train_examples.source, training=True, seed=args.seed)
+            self.eval_null_threshold = self.run_config["null_threshold"]
+            if settings.null_score_diff_threshold is None and saved_run_config:
+                self.run_config["null_threshold"] = saved_run_config["null_threshold"]
+        self.qa = make_qa(self.run_config, self.tokenizer)
+        self.train_set = self.qa.features(train_examples.examples, train_examples.source, training=True,
+                                          seed=settings.seed)
         self.eval_set = self.qa.features(self.eval_examples.examples, self.eval_examples.source)
         if not len(self.train_set):
             raise UserError(f"{train_examples.source}: no training window holds an answer (raise --no-answer-share to "
@@ -63,18 +104,18 @@ class QATask:
         return self.qa.count_targets(batch)
 
     def evaluate(self, model, device, precision: str, batch_size: int, predictions_file: Path) -> dict | None:
-        """Answer every validation question, score it, and write the answers to `predictions_file`.
-        Under torchrun every process answers a share and rank 0 scores them all (the others get None)."""
+        """Answer every validation question, score it, and write the answers to `predictions_file`
+        (with SQuAD v2's null odds beside them, as the official script's --na-prob-file)."""
         started = time.perf_counter()
         predictions = self.qa.answer_questions(model, self.eval_set, device, precision, batch_size)
         if predictions is None:
             return None
         answers, scores, null_odds = score_predictions(predictions, self.eval_examples.examples, self.eval_null_threshold)
-        if null_odds is not None and not self.settings["null_threshold_given"]:
-            self.settings["null_threshold"] = scores["best_f1_thresh"]
+        if null_odds is not None and not self.run_config["null_threshold_given"]:
+            self.run_config["null_threshold"] = scores["best_f1_thresh"]
         scores["seconds"], scores["windows"] = time.perf_counter() - started, len(self.eval_set)
         atomic_write_text(predictions_file, json.dumps(answers, indent=1, ensure_ascii=False))
-        if null_odds is not None:  # beside the answers, as the official v2 script's --na-prob-file
+        if null_odds is not None:
             atomic_write_text(predictions_file.with_name(predictions_file.name.replace("predictions", "null_odds")),
                               json.dumps(null_odds, indent=1))
         return scores
@@ -87,9 +128,6 @@ class QATask:
         if "best_f1" in scores:
             text += f"  best F1 {scores['best_f1']:.2f} at null threshold {scores['best_f1_thresh']:.3g}"
         return text
-
-    SCALARS = ("exact_match", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact", "best_f1",
-               "best_f1_thresh")
 
 
 def score_predictions(predictions: dict, examples: list, null_threshold: float | None) -> tuple[dict, dict, dict | None]:
@@ -110,15 +148,16 @@ def score_predictions(predictions: dict, examples: list, null_threshold: float |
     return answers, scores, null_odds
 
 
-def qa_settings(args, qa_style: str, model_kind: str, allow_null: bool) -> dict:
+def qa_run_config(settings, qa_style: str, model_kind: str, allow_null: bool) -> dict:
     """What inference must reuse to answer like evaluation did; saved as run_config.json."""
-    settings = {"task": "qa", "qa_style": qa_style, "model_kind": model_kind, "max_seq_length": args.max_seq_length,
-                "doc_stride": args.doc_stride, "lora": args.lora, "base_model": args.model}
+    run_config = {"task": "qa", "qa_style": qa_style, "model_kind": model_kind, "max_seq_length": settings.max_seq_length,
+                  "doc_stride": settings.doc_stride, "lora": settings.lora, "base_model": settings.model}
     if qa_style == "extractive":
-        given = args.null_score_diff_threshold is not None
-        return {**settings, "n_best": args.n_best, "max_answer_length": args.max_answer_length, "allow_null": allow_null,
-                "null_threshold": args.null_score_diff_threshold if given else 0.0, "null_threshold_given": given}
-    template = args.prompt_template or (SEQ2SEQ_TEMPLATE if model_kind == "seq2seq" else DECODER_TEMPLATE)
-    no_answer_share = args.no_answer_share if args.no_answer_share is not None else float(allow_null)
-    return {**settings, "prompt_template": template, "no_answer_share": no_answer_share,
-            "max_answer_tokens": args.max_answer_tokens, "num_beams": args.num_beams}
+        given = settings.null_score_diff_threshold is not None
+        return {**run_config, "n_best": settings.n_best, "max_answer_length": settings.max_answer_length,
+                "allow_null": allow_null, "null_threshold": settings.null_score_diff_threshold if given else 0.0,
+                "null_threshold_given": given}
+    template = settings.prompt_template or (SEQ2SEQ_TEMPLATE if model_kind == "seq2seq" else DECODER_TEMPLATE)
+    no_answer_share = settings.no_answer_share if settings.no_answer_share is not None else float(allow_null)
+    return {**run_config, "prompt_template": template, "no_answer_share": no_answer_share,
+            "max_answer_tokens": settings.max_answer_tokens, "num_beams": settings.num_beams}

@@ -106,7 +106,7 @@ def test_training_logs_its_choices(tiny_model_dir, tmp_path, caplog):
 
     argv = [a if a != "fp32" else "bf16" for a in tiny_args(tiny_model_dir, tmp_path)]
     with caplog.at_level(logging.INFO, logger="train"):
-        run = train.setup(train.parse_args(argv), CPU)
+        run = train.setup(train.parse_settings(argv), CPU)
     assert run.model.config._attn_implementation == "sdpa_fp32"
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("precision bf16"))
     assert "as requested" in line and "attention sdpa-fp32" in line and "dropout layers" in line

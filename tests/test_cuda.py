@@ -114,7 +114,7 @@ def no_host_waits(monkeypatch):
 
 def setup_on_cuda(argv: list[str]):
     """train.py's own setup on the GPU: the model moved there, fused AdamW, the grad scaler."""
-    args = train.parse_args(argv)
+    args = train.parse_settings(argv)
     return args, train.setup(args, pick_device(args.device))
 
 
@@ -124,9 +124,9 @@ def step_batches(run, args, steps: int) -> list[list[dict]]:
     batches = []
     for epoch in itertools.count():
         # whole batches only: an epoch's short batch could fit in one micro-batch
-        batches += [b for b in run.batches.for_epoch(epoch) if len(b) == args.global_batch]
+        batches += [b for b in run.batches.for_epoch(epoch) if len(b) == run.resolved.global_batch]
         if len(batches) >= steps:
-            return [train.micro_batches_of_step(run, batch, args.batch_size)[0] for batch in batches[:steps]]
+            return [train.micro_batches_of_step(run, batch)[0] for batch in batches[:steps]]
 
 
 def clm_args(model_dir: Path, output_dir: Path, *extra) -> list[str]:

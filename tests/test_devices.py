@@ -48,9 +48,9 @@ def run_args(model_dir: Path, output_dir: Path, task: str, *extra) -> list[str]:
 def setup_on_device(args: list[str], device: torch.device):
     """train.py's setup for `device`, the model and training state read from their files on the host
     (fake mode cannot make real weights) and moved to the device by setup itself."""
-    parsed = train.parse_args(args)
+    parsed = train.parse_settings(args)
     with pytest.MonkeyPatch.context() as patch:
-        for reads_files in ("build_model", "load_training_state"):
+        for reads_files in ("load_for_training", "load_saved_run"):
             patch.setattr(train, reads_files, on_the_host(getattr(train, reads_files)))
         return parsed, train.setup(parsed, device)
 
@@ -69,7 +69,7 @@ def first_step(run, args):
     """The real loop's first step: its micro-batches (collated by the prefetch thread, outside fake
     mode as on the host) and train_step."""
     batches = run.batches.for_epoch(0)
-    [(batch, (micro_batches, _))] = list(train.prefetched(batches[:1], lambda b: train.micro_batches_of_step(run, b, args.batch_size)))
+    [(batch, (micro_batches, _))] = list(train.prefetched(batches[:1], lambda b: train.micro_batches_of_step(run, b)))
     return micro_batches, train.train_step(run, micro_batches, args.max_grad_norm)
 
 
@@ -101,7 +101,7 @@ def test_training_step_and_evaluation_on_the_device(device, request, tmp_path, t
         assert reads.count() == 1, reads.where  # the step's one read, at its end
         assert run.scheduler.last_epoch == 1 and all(s["step"].device == device for s in run.optimizer.state.values())
         reads.where.clear()
-        scores = train.evaluate(run, args)  # the forward passes, generation, post-processing, on the device
+        scores = train.evaluate(run)  # the forward passes, generation, post-processing, on the device
     assert scores[run.task.metric] is not None
     if task != "clm":  # answers for every question (generated: a fixed number of tokens each)
         answers = json.loads((tmp_path / "predictions_before_training.json").read_text())
@@ -141,7 +141,7 @@ def test_the_host_reads_the_device_once_per_optimizer_step(device, tiny_llama_di
             patch.setattr(train, "train_step", counted_step)
             patch.setattr(train, "evaluate_and_save", lambda *a: None)  # evaluation reads, as it must
             run.state.last_eval_step = steps
-            train.train(run, args)
+            train.train(run)
     assert calls == [(2, 1)] * steps
 
 
@@ -155,7 +155,7 @@ def test_checkpoint_written_by_a_gpu_run_resumes_onto_the_device(device, tiny_mo
         args, run = setup_on_device(tiny_args(tiny_model_dir, tmp_path / "run"), device)
         first_step(run, args)
         run.state.step = 1
-        train.save(run, args, "latest", with_training_state=True)
+        train.save(run, "latest", with_training_state=True)
     directory, model, tokenizer, run_config, training_state, _ = saved["args"]
     moments = [v for state in training_state["optimizer"]["state"].values() for v in state.values()]
     assert moments and {v.device for v in moments} == {device}

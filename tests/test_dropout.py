@@ -99,7 +99,7 @@ def test_training_setup_uses_it_for_the_model(tiny_model_dir, tmp_path):
     import train
     from conftest import tiny_args
 
-    args = train.parse_args(tiny_args(tiny_model_dir, tmp_path))
+    args = train.parse_settings(tiny_args(tiny_model_dir, tmp_path))
     run = train.setup(args, torch.device("cpu"))
     dropouts = [m for m in run.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(type(m) is MaskDropout for m in dropouts)

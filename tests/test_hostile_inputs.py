@@ -311,7 +311,7 @@ QUESTION_LIMIT = 64 - 3 - 16 - 1  # window, [CLS] [SEP] [SEP], stride, at least 
        question=st.one_of(LINES, st.text(st.sampled_from("ab ?"), max_size=150)))
 def test_predict_questions_become_features_or_one_line_errors(tokenizer, context, question):
     # --flag=value: a value starting with "-" would otherwise be read as a flag.
-    args = predict.parse_args([f"--context={context}", f"--question={question}"])
+    args = predict.parse_settings([f"--context={context}", f"--question={question}"])
     try:
         (example,) = predict.read_examples(args)
     except UserError as error:

@@ -21,10 +21,10 @@ REFUSED = {
 
 def one_step(argv: list[str], tmp_path):
     """train.py's setup and one training step: what decides whether a model can do a task."""
-    args = train.parse_args([*argv, "--device", "cpu", "--precision", "fp32", "--output-dir", str(tmp_path / "out"),
+    args = train.parse_settings([*argv, "--device", "cpu", "--precision", "fp32", "--output-dir", str(tmp_path / "out"),
                              "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1", "--batch-size", "2"])
     run = train.setup(args, torch.device("cpu"))
-    micro_batches, _ = train.micro_batches_of_step(run, run.batches.for_epoch(0)[0], args.batch_size)
+    micro_batches, _ = train.micro_batches_of_step(run, run.batches.for_epoch(0)[0])
     return train.train_step(run, micro_batches, args.max_grad_norm)
 
 

