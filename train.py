@@ -28,8 +28,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from clm.task import CLMSettings, CLMTask
 from data import DataSettings
 from data.batching import TrainBatches, prefetched, step_plan, without_needless_mask
-from engine.checkpoint import (find_checkpoint, load_run_config, load_saved_run, output_directory_lock,
-                               save_checkpoint, verified_checkpoint)
+from engine.checkpoint import (find_checkpoint, load_saved_run, output_directory_lock, save_checkpoint,
+                               verified_checkpoint)
 from engine.device import (DeviceSettings, autocast, configure_device, forked_rng, grad_scaler, host_values,
                            out_of_memory_as_error, peak_memory_mb, pick_precision, pinned, restore_rng_state,
                            rng_state, to_device)
@@ -45,7 +45,7 @@ from engine.signals import StopRequest
 from engine.task import Task
 from engine.tensorboard import run_writer, write_hparams
 from models.backbones import count_parameters, resolve_model
-from models.build import ModelSettings, load_for_training, load_trained_model, place
+from models.build import ModelSettings, export_merged, load_for_training, place
 from models.transfer import is_lora, transformer_blocks
 from qa.task import QASettings, QATask
 
@@ -186,9 +186,6 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
     if learning_rate is None:  # --learning-rate auto
         learning_rate = auto_learning_rate(settings.task, settings.lora, total)
     resolved = Resolved(learning_rate, global_batch=settings.batch_size * settings.grad_accum_steps * world_size())
-    if is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_config(output_dir, settings, resolved)
     model = wrap_model(model, device, settings.fsdp, transformer_blocks(model) if settings.fsdp else [],
                        model.get_base_model() if is_lora(model) else model)
     if world_size() > 1:
@@ -216,6 +213,9 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
             restore_rng_state(rng_states[rank()], device)
         state = TrainingState(**saved.training_state["state"])
         log.info("resumed from %s at step %d (epoch %d)", resume_from, state.step, state.epoch + 1)
+    if is_main():  # once a resumed run has passed its check: a refused one leaves the file as it was
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_config(output_dir, settings, resolved)
 
     log.info("model %s: %.1fM parameters, %.2fM trainable (%.2f%%); device %s", settings.model, total / 1e6,
              trainable / 1e6, 100 * trainable / total, device)
@@ -464,14 +464,6 @@ def write_results(run: Run, scores: dict, state_mb: list[float]) -> None:
     atomic_write_text(run.output_dir / RESULTS, json.dumps(results, indent=2))
 
 
-def export_merged(run: Run) -> None:
-    """OUTPUT_DIR/merged: the best LoRA adapter merged into its base model, a plain HF model directory."""
-    best = run.output_dir / "best"
-    merged = load_trained_model(best, run.task.run_config).merge_and_unload()
-    save_checkpoint(run.output_dir / "merged", merged, run.task.tokenizer, {**load_run_config(best), "lora": False})
-    log.info("merged the LoRA adapter of %s into %s", best, run.output_dir / "merged")
-
-
 def finish(run: Run) -> None:
     """results.json (and the merged LoRA model); then the processes leave together."""
     scores = run.state.last_scores
@@ -480,7 +472,8 @@ def finish(run: Run) -> None:
     if main_process:
         write_results(run, scores, state_mb)
         if run.settings.merge_lora:
-            export_merged(run)
+            export_merged(run.output_dir / "best", run.output_dir / "merged", run.task.tokenizer)
+            log.info("merged the LoRA adapter of %s into %s", run.output_dir / "best", run.output_dir / "merged")
     # DDP's reducer holds the process group: released after it, the group's teardown can deadlock.
     run.model = None
     close_processes()

@@ -18,6 +18,7 @@ into the settings: they live in a dataclass of their own, whose fields may carry
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import types
 import typing
@@ -111,7 +112,7 @@ def parser(cls, description: str, as_trained: type | None = None) -> Parser:
     p = Parser(description=description, formatter_class=HelpFormatter)
     declared = set()
     for klass in cls.__mro__:
-        own = [f for f in settings_fields(klass) if f.name in klass.__dict__.get("__annotations__", {})
+        own = [f for f in settings_fields(klass) if f.name in inspect.get_annotations(klass)
                and f.name not in declared] if dataclasses.is_dataclass(klass) else []
         if not own:
             continue
@@ -174,7 +175,8 @@ def read_config(path: Path) -> dict:
 def config_argv(p: argparse.ArgumentParser, values: dict, path: Path) -> list[str]:
     """The command-line arguments that say what a config file says; a key that is not a flag, or a
     value its flag refuses, is one error line naming the file and the key."""
-    known = {action.dest: action for action in p._actions if action.option_strings and action.dest != "config"}
+    known = {action.dest: action for action in p._actions
+             if action.option_strings and action.dest != "config" and not isinstance(action, argparse._HelpAction)}
     argv = []
     for key, value in values.items():
         action = known.get(str(key).replace("-", "_"))

@@ -6,13 +6,14 @@
    precision, compiled if asked.
 
 `load_trained_model` reads any checkpoint train.py wrote (full weights, or a LoRA adapter on its
-base model), for prediction and for merging an adapter; prediction places it with `place` too.
+base model), for prediction (which places it with `place` too) and for `export_merged`.
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from engine.checkpoint import load_run_config, save_checkpoint
 from engine.errors import UserError
 from engine.settings import HPARAM, TRAJECTORY, setting
 from models.attention import AUTO, CHOICES as ATTENTION_CHOICES, TRANSFORMERS_NAMES, choose_attention, \
@@ -92,6 +93,13 @@ def load_trained_model(checkpoint, run_config: dict, trainable: bool = False, at
         base = load_model(resolve_model(run_config["base_model"]), run_config["model_kind"], attention_dropout)
         return load_lora(base, checkpoint, trainable)
     return load_model(str(checkpoint), run_config["model_kind"], attention_dropout)
+
+
+def export_merged(checkpoint: Path, merged: Path, tokenizer) -> None:
+    """`merged`: the LoRA adapter of `checkpoint` merged into its base model, a plain model directory."""
+    run_config = load_run_config(checkpoint)
+    model = load_trained_model(checkpoint, run_config).merge_and_unload()
+    save_checkpoint(merged, model, tokenizer, {**run_config, "lora": False})
 
 
 def place(model, device: torch.device, precision: str, attention: str = AUTO, compile: bool = False):

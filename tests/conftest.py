@@ -1,10 +1,12 @@
 """Shared fixtures: offline mode, the MiniLM tokenizer, a tiny BERT QA model, small SQuAD files."""
+import contextlib
 import gzip
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Never touch the network: set before anything imports transformers / huggingface_hub.
@@ -19,14 +21,25 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
+from runs import training_state  # noqa: E402
+
 
 def pytest_configure(config):
     """The fake accelerator of tests/test_devices.py, registered before any test runs: the autograd
     engine sizes its per-device queues at its first backward pass, so a device registered after
-    that cannot run one."""
+    that cannot run one.
+
+    The dequantized copy of the GGUF model goes to a cache of the session's own, as on a fresh
+    machine (made once, by the first test that needs it), unless FINETUNE_GGUF_CACHE names one."""
+    import tempfile
+
     from fake_accelerator import register
+    from models.backbones import GGUF_CACHE_VARIABLE
 
     register()
+    if not os.environ.get(GGUF_CACHE_VARIABLE):
+        os.environ[GGUF_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="gguf-cache-")
+        config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(GGUF_CACHE_VARIABLE), ignore_errors=True))
 
 SAMPLES = ROOT / "data" / "samples"
 TRAIN_SAMPLE = SAMPLES / "squad_train.json"
@@ -120,32 +133,70 @@ def run_script(script: str, *args, timeout: int = 300) -> subprocess.CompletedPr
     )
 
 
-def run_in_parallel(calls: dict) -> dict:
-    """{name: (script, args)} -> {name: CompletedProcess}, two processes at a time with one CPU thread
-    each (two 2-thread processes on 2 cores slow each other down many times over)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        with ThreadPoolExecutor(2) as pool:
-            futures = {name: pool.submit(run_script, script, *args) for name, (script, args) in calls.items()}
-            return {name: future.result() for name, future in futures.items()}
+def predict_output(*args) -> tuple[str, str]:
+    """predict.py's standard output and standard error, run in this process: each process start is
+    seconds of the suite, and tests/test_predict_cli.py runs the command line itself."""
+    import predict
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        predict.main(list(map(str, args)))
+    return out.getvalue(), err.getvalue()
 
 
-def one_step_generative_runs(output_dir: Path, cases: dict) -> dict:
-    """{name: extra train.py args} -> {name: CompletedProcess} of one-step generative runs on the
-    samples, in parallel: for settings that must fail with one error line before any training."""
+def train_error(argv: list) -> str:
+    """The message of the UserError train.py stops with (run in this process: tests/test_bad_input.py
+    runs the command line's exit status and error line itself): one line."""
+    import train
+    from engine.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        train.main(list(map(str, argv)))
+    assert "\n" not in str(error.value), error.value
+    return str(error.value)
+
+
+def one_step_generative_errors(output_dir: Path, cases: dict) -> dict:
+    """{name: extra train.py args} -> {name: the error line} of one-step generative runs on the
+    samples, for settings that must fail with one error line before any training."""
     common = ["--max-steps", "1", *GENERATIVE_RUN_FLAGS]
     # one output directory each: a second run in one is refused
-    return run_in_parallel({name: ("train.py", [*common, "--output-dir", output_dir / name, *args])
-                            for name, args in cases.items()})
+    return {name: train_error([*common, "--output-dir", output_dir / name, *args]) for name, args in cases.items()}
+
+
+def tiny_flags(model_dir, *extra) -> list[str]:
+    """train.py flags for 8 quick steps of a tiny model on the shipped sample, on CPU in fp32."""
+    return ["--model", str(model_dir), "--precision", "fp32", "--device", "cpu", "--max-train-samples", "40",
+            "--max-eval-samples", "10", "--batch-size", "4", "--grad-accum-steps", "2", "--max-steps", "8",
+            "--save-steps", "3", "--log-steps", "2", *map(str, extra)]
 
 
 def tiny_args(model_dir, output_dir, *extra) -> list[str]:
-    """train.py arguments for 8 quick steps of a tiny model on the shipped sample, on CPU in fp32."""
-    return [
-        "--model", str(model_dir), "--output-dir", str(output_dir), "--precision", "fp32", "--device", "cpu",
-        "--max-train-samples", "40", "--max-eval-samples", "10", "--batch-size", "4", "--grad-accum-steps", "2",
-        "--max-steps", "8", "--save-steps", "3", "--log-steps", "2", *extra,
-    ]
+    return [*tiny_flags(model_dir, *extra), "--output-dir", str(output_dir)]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    """The suite's one uninterrupted tiny run (`tiny_flags`): its flags, its output directory, and a
+    copy of each version of latest/ it saved, by step. Tests read it; none writes into it."""
+    import argparse
+
+    import train
+
+    output_dir = tmp_path_factory.mktemp("tiny-run")
+    versions, real_save = tmp_path_factory.mktemp("tiny-run-latest"), train.save_checkpoint
+
+    def save_and_copy(directory, *args):
+        real_save(directory, *args)
+        if directory.name == "latest":
+            step = training_state(directory)["state"]["step"]
+            shutil.copytree(directory, versions / f"{step:03d}", dirs_exist_ok=True)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "save_checkpoint", save_and_copy)
+        train.main(tiny_args(tiny_model_dir, output_dir))
+    return argparse.Namespace(flags=tiny_flags(tiny_model_dir), output_dir=output_dir,
+                              latest_versions={int(p.name): p for p in versions.iterdir()})
 
 
 def weights(directory: Path) -> dict:
@@ -154,13 +205,7 @@ def weights(directory: Path) -> dict:
     return load_file(str(directory / "model.safetensors"))
 
 
-def training_state(directory: Path) -> dict:
-    import torch
-
-    return torch.load(directory / "training_state.pt", weights_only=True)
-
-
-def tiny_run(model_dir, seed=0, kind="span", qa=None):
+def sgd_run(model_dir, seed=0, kind="span", qa=None):
     """What train_step needs. Plain SGD, so that the updated weights are the (clipped) gradients:
     Adam's first step, g / (|g| + eps), would blow float round-off in gradients that are ~0 (e.g. the
     span head's bias, whose gradient is exactly 0 in theory) up to a full learning-rate step."""
@@ -185,35 +230,6 @@ def tiny_run(model_dir, seed=0, kind="span", qa=None):
 # (a span loss does not change when every logit moves by the same amount), so only float round-off
 # drives them, and AdamW's first steps blow any round-off up to a full learning-rate step.
 ZERO_GRADIENT_TENSORS = {"qa_outputs.bias", "bert.encoder.layer.1.output.LayerNorm.bias"}
-
-
-def crash_then_resume(monkeypatch, argv: list[str], crash_on_call: int) -> tuple[int, int]:
-    """Run train.main(argv) until its `crash_on_call`-th train_step raises, then run it again with
-    --resume. Returns (the step latest/ held after the crash, train_step calls of the resumed run)."""
-    import torch
-
-    import train
-
-    real_step, calls, resumed_calls = train.train_step, [], []
-
-    def crashing(*args):
-        calls.append(1)
-        if len(calls) == crash_on_call:
-            raise RuntimeError("simulated crash")
-        return real_step(*args)
-
-    def counting(*args):
-        resumed_calls.append(1)
-        return real_step(*args)
-
-    monkeypatch.setattr(train, "train_step", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train.main(argv)
-    output_dir = Path(argv[argv.index("--output-dir") + 1])
-    saved_step = torch.load(output_dir / "latest" / "training_state.pt", weights_only=True)["state"]["step"]
-    monkeypatch.setattr(train, "train_step", counting)
-    train.main([*argv, "--resume"])
-    return saved_step, len(resumed_calls)
 
 
 def one_line(error: pytest.ExceptionInfo, *must_mention: str) -> str:

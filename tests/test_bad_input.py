@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import train
-from conftest import assert_one_line_error, run_script, squad_json, write_json, write_jsonl
+from conftest import assert_one_line_error, run_script, squad_json, train_error, write_json, write_jsonl
 from engine.errors import UserError
 
 CONTEXT = "The cat sat on the mat. Later the dog chased the cat around the garden."
@@ -136,8 +136,13 @@ def test_every_case_is_run(bad_runs):
     assert sorted(bad_runs) == sorted(CASES)
 
 
-@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-steps", "-1"), ("--precision", "fp8")])
-def test_bad_flags_are_usage_errors(flag, value):
-    result = run_script("train.py", flag, value)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert flag in result.stderr.splitlines()[-1]
+@pytest.mark.parametrize("flag, value, mention", [("--batch-size", "0", "must be at least 1, got 0"),
+                                                   ("--max-steps", "-1", "must be at least 1, got -1"),
+                                                   ("--precision", "fp8", "invalid choice: 'fp8'")])
+def test_bad_flags_are_one_error_line(flag, value, mention):
+    message = train_error([flag, value])
+    assert flag in message and mention in message, message
+
+
+def test_a_bad_flag_on_the_command_line_is_exit_status_2_and_one_line():
+    assert_one_line_error(run_script("train.py", "--batch-size", "0"), "--batch-size", "must be at least 1")

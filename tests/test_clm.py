@@ -1,6 +1,6 @@
 """Causal language modelling end to end on the tiny Llama: perplexity against a hand computation,
 token-normalised gradient accumulation, a short run lowering perplexity, seeded generation, and
-one-line errors for unusable corpora."""
+one-line errors for unusable corpora. (Exact resume: tests/test_resume.py.)"""
 import io
 import json
 import math
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PREDICT_FLAGS, assert_one_line_error, crash_then_resume, run_in_parallel, run_script
-from safetensors.torch import load_file
+from conftest import PREDICT_FLAGS, one_line, predict_output
 
 import predict
 import train
@@ -19,6 +18,7 @@ from clm.task import CLMTask
 from clm.language_model import count_targets, next_token_loss, perplexity
 from data.batching import PadToLongest
 from data.text_blocks import GroupedTextBlocks
+from engine.errors import UserError
 from engine.optim import linear_warmup_decay
 from models.backbones import load_model
 
@@ -93,16 +93,10 @@ def test_a_short_run_lowers_validation_perplexity(clm_run):
 
 def test_generation_is_reproducible_with_a_seed(clm_run):
     prompt = ["--checkpoint", clm_run / "best", "--prompt", "The river", "--max-new-tokens", "12", *PREDICT_FLAGS]
-    results = run_in_parallel({
-        "a": ("predict.py", [*prompt, "--seed", "1"]), "b": ("predict.py", [*prompt, "--seed", "1"]),
-        "c": ("predict.py", [*prompt, "--seed", "2", "--num-return-sequences", "3"]),
-        "greedy": ("predict.py", [*prompt, "--greedy"]),
-    })
-    for result in results.values():
-        assert result.returncode == 0, result.stderr
-    assert results["a"].stdout == results["b"].stdout and results["a"].stdout.strip()
-    assert results["c"].stdout.count("--- ") == 3
-
+    a, b = (predict_output(*prompt, "--seed", "1")[0] for _ in range(2))
+    assert a == b and a.strip()
+    assert predict_output(*prompt, "--seed", "2", "--num-return-sequences", "3")[0].count("--- ") == 3
+    assert predict_output(*prompt, "--greedy")[0].strip()
 
 
 def test_an_interactive_session_continues_each_prompt_line(clm_run, capsys, monkeypatch):
@@ -126,26 +120,8 @@ def test_lora_and_freezing_train_a_part_and_predict_loads_it(tmp_path, tiny_llam
     results = json.loads((output_dir / "results.json").read_text())
     assert 0 < results["trainable_parameters"] < results["total_parameters"]
     prompt = ["--checkpoint", output_dir / "best", "--prompt", "The river", "--max-new-tokens", "5", "--greedy", *PREDICT_FLAGS]
-    first, second = run_script("predict.py", *prompt), run_script("predict.py", *prompt)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout == second.stdout
-
-
-def test_resume_after_a_crash_gives_identical_weights(tiny_llama_dir, tmp_path, monkeypatch):
-    def argv(output_dir):
-        return ["--task", "clm", "--model", str(tiny_llama_dir), "--block-size", "32", "--batch-size", "2",
-                "--grad-accum-steps", "2", "--max-steps", "7", "--save-steps", "3", "--learning-rate", "1e-2",
-                "--device", "cpu", "--precision", "fp32", "--output-dir", str(output_dir), "--cache-dir", str(tmp_path / "cache")]
-
-    train.main(argv(tmp_path / "straight"))
-    saved_step, resumed_calls = crash_then_resume(monkeypatch, argv(tmp_path / "resumed"), crash_on_call=5)
-    assert saved_step == 3 and resumed_calls == 4  # continued from the step-3 checkpoint, not restarted
-    a, b = (load_file(str(tmp_path / run / "latest" / "model.safetensors")) for run in ("straight", "resumed"))
-    assert not any(torch.equal(a[k], v) for k, v in load_file(str(tiny_llama_dir / "model.safetensors")).items()
-                   if k in a and v.dim() > 1), "training did not change the weights"
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "resumed")]
-    assert results[0]["eval"]["loss"] == results[1]["eval"]["loss"]
+    first, second = predict_output(*prompt), predict_output(*prompt)
+    assert first == second and first[0].strip()
 
 
 def test_held_out_validation_documents_are_seeded_and_disjoint(tmp_path):
@@ -168,9 +144,11 @@ def test_held_out_validation_documents_are_seeded_and_disjoint(tmp_path):
 def test_nothing_held_out_is_one_error_line(tmp_path, tiny_llama_dir):
     path = tmp_path / "corpus.txt"
     path.write_text(TEXT)
-    result = run_script("train.py", "--task", "clm", "--model", tiny_llama_dir, "--train-file", path, "--block-size", "16",
-                        "--validation-split", "0.01", "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "out")
-    assert_one_line_error(result, "corpus.txt", "no document was held out", "--validation-split")
+    with pytest.raises(UserError) as error:
+        train.main(["--task", "clm", "--model", str(tiny_llama_dir), "--train-file", str(path), "--block-size", "16",
+                    "--validation-split", "0.01", "--cache-dir", str(tmp_path / "cache"),
+                    "--output-dir", str(tmp_path / "out")])
+    one_line(error, "corpus.txt", "no document was held out", "--validation-split")
 
 
 @pytest.mark.parametrize("content, flags, mentions", [
@@ -184,7 +162,8 @@ def test_nothing_held_out_is_one_error_line(tmp_path, tiny_llama_dir):
 def test_unusable_corpora_are_one_error_line(tmp_path, tiny_llama_dir, content, flags, mentions):
     path = tmp_path / ("corpus.jsonl" if "--text-field" in flags else "corpus.txt")
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    result = run_script("train.py", "--task", "clm", "--model", tiny_llama_dir, "--train-file", path,
-                        "--validation-file", path, "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "out",
-                        "--block-size", "16", *flags)
-    assert_one_line_error(result, *mentions)
+    with pytest.raises(UserError) as error:
+        train.main(["--task", "clm", "--model", str(tiny_llama_dir), "--train-file", str(path), "--validation-file",
+                    str(path), "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out"),
+                    "--block-size", "16", *flags])
+    one_line(error, *mentions)

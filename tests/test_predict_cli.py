@@ -8,8 +8,7 @@ import sys
 import pytest
 
 import predict
-import train
-from conftest import ROOT, VALIDATION_SAMPLE, assert_one_line_error, one_line, run_script, write_jsonl
+from conftest import ROOT, VALIDATION_SAMPLE, one_line, predict_output, write_jsonl
 from engine.errors import UserError
 
 CONTEXT = "The Amazon river flows through Brazil and empties into the Atlantic Ocean near the city of Belem."
@@ -18,52 +17,45 @@ FLAGS = ("--device", "cpu", "--precision", "fp32")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model_dir):
-    output_dir = tmp_path_factory.mktemp("predict-run")
-    train.main(["--model", str(tiny_model_dir), "--output-dir", str(output_dir), "--precision", "fp32", "--device", "cpu",
-                "--max-train-samples", "16", "--max-eval-samples", "5", "--batch-size", "8", "--max-steps", "2"])
-    return output_dir / "best"
+def checkpoint(tiny_run):
+    return tiny_run.output_dir / "best"
+
+
+def predict_in_process(*args) -> tuple[str, str]:
+    """predict.py's stdout and stderr on the CPU in fp32, run in this process (the last test runs
+    the command line itself)."""
+    return predict_output(*args, *FLAGS)
 
 
 def test_context_and_question(checkpoint):
-    result = run_script("predict.py", "--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, *FLAGS)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+    out, err = predict_in_process("--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION)
+    lines = out.strip().splitlines()
     assert len(lines) == 1 and lines[0].strip()
     assert lines[0] in CONTEXT  # an extractive answer is a piece of the context
-    assert "Traceback" not in result.stderr
 
 
-def predict_in_process(capsys, *args) -> tuple[str, str]:
-    """predict.py's stdout and stderr, run in this process: the subprocess tests above and below
-    cover the command line itself, and each saved process start is seconds of the suite."""
-    predict.main([*map(str, args), *FLAGS])
-    captured = capsys.readouterr()
-    return captured.out, captured.err
-
-
-def test_json_output(checkpoint, capsys):
-    out, _ = predict_in_process(capsys, "--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, "--json")
+def test_json_output(checkpoint):
+    out, _ = predict_in_process("--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION, "--json")
     record = json.loads(out)
     assert set(record) == {"answer", "score", "start", "end", "null_score_diff"}
     assert record["answer"] and CONTEXT[record["start"] : record["end"]] == record["answer"]
     assert 0 < record["score"] <= 1
 
 
-def test_context_file(checkpoint, tmp_path, capsys):
+def test_context_file(checkpoint, tmp_path):
     path = tmp_path / "article.txt"
     path.write_text(CONTEXT + "\n", encoding="utf-8")
-    out, _ = predict_in_process(capsys, "--checkpoint", checkpoint, "--context-file", path, "--question", QUESTION, "--json")
+    out, _ = predict_in_process("--checkpoint", checkpoint, "--context-file", path, "--question", QUESTION, "--json")
     record = json.loads(out)
     assert record["answer"] and CONTEXT[record["start"] : record["end"]] == record["answer"]
     # Same answer as with --context (same text apart from the final newline), given the run's output
     # directory instead of its best/ checkpoint.
-    inline, _ = predict_in_process(capsys, "--checkpoint", checkpoint.parent, "--context", CONTEXT, "--question", QUESTION,
+    inline, _ = predict_in_process("--checkpoint", checkpoint.parent, "--context", CONTEXT, "--question", QUESTION,
                                    "--json")
     assert json.loads(inline) == record
 
 
-def test_input_jsonl_without_answers_to_output_file(checkpoint, tmp_path, capsys):
+def test_input_jsonl_without_answers_to_output_file(checkpoint, tmp_path):
     contexts = [CONTEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911. " * 12]
     records = [
         {"id": "amazon", "context": contexts[0], "question": QUESTION},
@@ -72,7 +64,7 @@ def test_input_jsonl_without_answers_to_output_file(checkpoint, tmp_path, capsys
     ]
     questions = write_jsonl(tmp_path / "questions.jsonl", records)
     output = tmp_path / "predictions.json"
-    _, err = predict_in_process(capsys, "--checkpoint", checkpoint, "--input", questions, "--output", output)
+    _, err = predict_in_process("--checkpoint", checkpoint, "--input", questions, "--output", output)
     answers = json.loads(output.read_text())
     assert sorted(answers) == ["amazon", "curie-1", "curie-2"]
     for record in records:
@@ -97,9 +89,9 @@ def test_an_output_file_that_cannot_be_written_is_one_line(checkpoint, tmp_path,
     one_line(predict_into(tmp_path / "predictions.json"), "predictions.json", "No space left on device")
 
 
-def test_input_with_answers_is_scored(checkpoint, tmp_path, capsys):
+def test_input_with_answers_is_scored(checkpoint, tmp_path):
     output = tmp_path / "predictions.json"
-    _, err = predict_in_process(capsys, "--checkpoint", checkpoint, "--input", VALIDATION_SAMPLE, "--output", output)
+    _, err = predict_in_process("--checkpoint", checkpoint, "--input", VALIDATION_SAMPLE, "--output", output)
     answers = json.loads(output.read_text())
     assert len(answers) == 59
     assert "F1" in err and "on 59 questions" in err
@@ -107,14 +99,16 @@ def test_input_with_answers_is_scored(checkpoint, tmp_path, capsys):
 
 def test_missing_checkpoint(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
-    result = run_script("predict.py", "--checkpoint", missing, "--context", CONTEXT, "--question", QUESTION, *FLAGS)
-    assert_one_line_error(result, str(missing))
+    with pytest.raises(UserError) as error:
+        predict.main(["--checkpoint", str(missing), "--context", CONTEXT, "--question", QUESTION, *FLAGS])
+    one_line(error, str(missing))
 
 
 def test_missing_context_file(checkpoint, tmp_path):
     missing = tmp_path / "nope.txt"
-    result = run_script("predict.py", "--checkpoint", checkpoint, "--context-file", missing, "--question", QUESTION, *FLAGS)
-    assert_one_line_error(result, str(missing))
+    with pytest.raises(UserError) as error:
+        predict.main(["--checkpoint", str(checkpoint), "--context-file", str(missing), "--question", QUESTION, *FLAGS])
+    one_line(error, str(missing))
 
 
 def hostile_inputs(d):
@@ -144,28 +138,28 @@ def test_hostile_question_or_context_is_one_error_line(checkpoint, tmp_path, nam
     assert "\n" not in message and all(text in message for text in mentions), message
 
 
-def test_a_million_character_context_is_answered(checkpoint, tmp_path, capsys):
+def test_a_million_character_context_is_answered(checkpoint, tmp_path):
     context = "The Nile flows north through Egypt into the Mediterranean Sea. " * 15_900 + CONTEXT
     assert len(context) > 1_000_000
     path = tmp_path / "long.txt"
     path.write_text(context, encoding="utf-8")
-    predict.main(["--checkpoint", str(checkpoint), "--context-file", str(path), "--question", QUESTION, "--json", *FLAGS])
-    record = json.loads(capsys.readouterr().out)
+    out, _ = predict_in_process("--checkpoint", checkpoint, "--context-file", path, "--question", QUESTION, "--json")
+    record = json.loads(out)
     assert record["answer"] and context[record["start"] : record["end"]] == record["answer"]
 
 
 OTHER_CONTEXT = "Mount Kilimanjaro is the highest mountain in Africa, and it stands in Tanzania."
 
 
-def test_interactive_session_answers_each_line_as_a_one_shot_call_would(checkpoint, capsys, monkeypatch):
+def test_interactive_session_answers_each_line_as_a_one_shot_call_would(checkpoint, monkeypatch):
     """A context, questions one per line, a new context, a line too long to answer (reported, the
     session goes on), blank lines skipped, end of input ends it."""
     too_long = "why " * 600
     lines = [CONTEXT, QUESTION, "", "Which ocean?", too_long, f"context: {OTHER_CONTEXT}", "Where is Kilimanjaro?"]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
-    out, err = predict_in_process(capsys, "--checkpoint", checkpoint)
+    out, err = predict_in_process("--checkpoint", checkpoint)
     answers = out.strip().splitlines()
-    expected = [predict_in_process(capsys, "--checkpoint", checkpoint, "--context", context, "--question", question)[0].strip()
+    expected = [predict_in_process("--checkpoint", checkpoint, "--context", context, "--question", question)[0].strip()
                 for context, question in ((CONTEXT, QUESTION), (CONTEXT, "Which ocean?"),
                                           (OTHER_CONTEXT, "Where is Kilimanjaro?"))]
     assert answers == expected

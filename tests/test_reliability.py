@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -17,23 +16,11 @@ import torch
 
 import predict
 import train
-from bench.kill_soak import differences, run_with_kills
-from conftest import PREDICT_FLAGS, one_line, tiny_args, tiny_run, training_state, weights
+from conftest import PREDICT_FLAGS, one_line, sgd_run, tiny_args, training_state, weights
 from engine.checkpoint import MANIFEST, output_directory_lock, save_checkpoint, verified_checkpoint
 from engine.errors import UserError
 from engine.files import atomic_write_text
 from qa.task import QATask
-
-
-def test_run_killed_while_evaluating_and_while_saving_ends_bit_identical(tiny_model_dir, tmp_path):
-    """SIGKILL from outside (no cleanup runs), then --resume: the end equals an uninterrupted run's."""
-    argv = [*tiny_args(tiny_model_dir, tmp_path / "uninterrupted"), "--max-steps", "12", "--save-steps", "2",
-            "--eval-steps", "4", "--eval-batch-size", "2", "--log-steps", "1", "--no-eval-before-training"]
-    train.main(argv)
-    # The killed run's processes get --output-dir killed after these arguments, which overrides.
-    phases = run_with_kills(argv, tmp_path / "killed", ["while evaluating", "while saving"], random.Random(0), 0)
-    assert phases == ["evaluating", "saving"]
-    assert differences(tmp_path / "uninterrupted", tmp_path / "killed") == []
 
 
 def nan_on_calls(monkeypatch, calls: set[int]):
@@ -90,7 +77,7 @@ def small_batch(tokenizer):
 def test_a_grad_scaler_overflow_is_a_skipped_step(tiny_model_dir_no_dropout, small_batch):
     """fp16's loss scaler: gradients that overflow skip the update as a non-finite loss does, and the
     scale drops for the next step."""
-    run = tiny_run(tiny_model_dir_no_dropout)
+    run = sgd_run(tiny_model_dir_no_dropout)
     run.precision = "fp16"  # autocast on the CPU, as train.py does on a GPU without bf16
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 activation gradients overflow
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -102,11 +89,11 @@ def test_a_grad_scaler_overflow_is_a_skipped_step(tiny_model_dir_no_dropout, sma
     assert all(p.grad is None for p in run.model.parameters())
 
 
-def test_a_full_disk_while_saving_keeps_best_and_latest_and_the_run_resumes(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_keeps_best_and_latest_and_the_run_resumes(tiny_run, tiny_model_dir, tmp_path,
+                                                                             monkeypatch):
     import engine.checkpoint
 
-    reference, failing = tmp_path / "reference", tmp_path / "failing"
-    train.main(tiny_args(tiny_model_dir, reference))
+    reference, failing = tiny_run.output_dir, tmp_path / "failing"
     real_save, calls, before = torch.save, [], {}
 
     def save_half_then_fail(obj, path):
@@ -164,22 +151,20 @@ def test_a_second_run_in_the_same_output_directory_is_refused_until_the_first_di
     assert (tmp_path / "results.json").is_file()
 
 
-def test_a_run_killed_before_its_results_is_finished_by_resume(tiny_model_dir, tmp_path):
-    argv = tiny_args(tiny_model_dir, tmp_path, "--max-steps", "2", "--no-eval-before-training")
+def test_a_run_killed_before_its_results_is_finished_by_resume(tiny_run, tmp_path):
+    output_dir = shutil.copytree(tiny_run.output_dir, tmp_path / "run")
+    (output_dir / "results.json").unlink()
+    argv = [*tiny_run.flags, "--output-dir", str(output_dir), "--resume"]
     train.main(argv)
-    results = json.loads((tmp_path / "results.json").read_text())
-    (tmp_path / "results.json").unlink()
-    train.main([*argv, "--resume"])
-    assert json.loads((tmp_path / "results.json").read_text())["eval"] == results["eval"]
+    results = [json.loads((run / "results.json").read_text()) for run in (tiny_run.output_dir, output_dir)]
+    assert results[0]["eval"] == results[1]["eval"]
     with pytest.raises(UserError, match="nothing to do"):
-        train.main([*argv, "--resume"])
+        train.main(argv)
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_model_dir):
-    output_dir = tmp_path_factory.mktemp("finished")
-    train.main(tiny_args(tiny_model_dir, output_dir, "--max-steps", "2", "--no-eval-before-training"))
-    return output_dir
+def finished_run(tiny_run):
+    return tiny_run.output_dir
 
 
 def truncate(directory):
@@ -359,36 +344,23 @@ POWER_CUTS = {"every file emptied": (empty_every_file, "manifest.json"),
 
 
 @pytest.fixture(scope="module")
-def run_with_previous_version(tmp_path_factory, tiny_model_dir):
-    """A finished run's argv and output directory, and a copy of the version of latest/ saved at an
-    earlier step than the last."""
-    output_dir = tmp_path_factory.mktemp("power-cut")
-    copies, real_save = output_dir.parent / f"{output_dir.name}-latest", train.save_checkpoint
-
-    def save_and_copy(directory, *args):
-        real_save(directory, *args)
-        if directory.name == "latest":
-            step = training_state(directory)["state"]["step"]
-            shutil.copytree(directory, copies / f"{step:03d}", dirs_exist_ok=True)
-
-    argv = tiny_args(tiny_model_dir, output_dir, "--max-steps", "6", "--no-eval-before-training")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "save_checkpoint", save_and_copy)
-        train.main(argv)
-    *_, previous, last = sorted(copies.iterdir())
-    assert last.name == "006"
-    return argv, output_dir, previous
+def run_with_previous_version(tiny_run):
+    """The shared tiny run's flags and output directory, and a copy of the version of latest/ it
+    saved before its last one."""
+    *_, previous, last = sorted(tiny_run.latest_versions.items())
+    assert last[0] == 8
+    return tiny_run.flags, tiny_run.output_dir, previous[1]
 
 
 def cut_power(run_with_previous_version, tmp_path, damage, keep_previous=True):
     """The run's directory as a power cut between the last save's renames and its deletion leaves it,
     had that save not fsync'ed: the new latest/ damaged, the previous version as latest.old."""
-    argv, finished, previous = run_with_previous_version
+    flags, finished, previous = run_with_previous_version
     output_dir = shutil.copytree(finished, tmp_path / "run")
     if keep_previous:
         shutil.copytree(previous, output_dir / "latest.old")
     POWER_CUTS[damage][0](output_dir / "latest")
-    return [*argv[:argv.index("--output-dir")], *argv[argv.index("--output-dir") + 2:], "--output-dir", str(output_dir)]
+    return [*flags, "--output-dir", str(output_dir)]
 
 
 def warnings_naming(caplog, text):
@@ -407,7 +379,7 @@ def test_resume_after_a_power_cut_falls_back_to_the_previous_version(run_with_pr
     finished = run_with_previous_version[1]
     a, b = weights(finished / "latest"), weights(output_dir / "latest")
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run did not end where the uninterrupted one did"
-    assert training_state(output_dir / "latest")["state"]["step"] == 6
+    assert training_state(output_dir / "latest")["state"]["step"] == 8
     assert not (output_dir / "latest.old").exists()
 
 

@@ -1,16 +1,14 @@
-"""The training loop on a tiny BERT: exact resume, gradient accumulation, checkpoints; one real learning run."""
+"""The training loop on a tiny BERT: determinism, gradient accumulation, checkpoints, settings a resumed
+run must keep; one real learning run. (Exact resume: tests/test_resume.py.)"""
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import predict
 import train
-from conftest import (VALIDATION_SAMPLE, ZERO_GRADIENT_TENSORS, assert_one_line_error, crash_then_resume, run_script,
-                      tiny_args, tiny_run, training_state, weights)
+from conftest import VALIDATION_SAMPLE, one_line, sgd_run, tiny_args, training_state, weights
 from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
@@ -24,11 +22,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @pytest.fixture(scope="module")
-def run_a(tmp_path_factory, tiny_model_dir):
-    """An uninterrupted run of 8 optimizer steps."""
-    output_dir = tmp_path_factory.mktemp("run-a")
-    train.main(tiny_args(tiny_model_dir, output_dir))
-    return output_dir
+def run_a(tiny_run):
+    """An uninterrupted run of 8 optimizer steps (the suite's shared tiny run)."""
+    return tiny_run.output_dir
 
 
 def test_evaluating_more_often_does_not_change_training(run_a, tiny_model_dir, tmp_path):
@@ -37,24 +33,6 @@ def test_evaluating_more_often_does_not_change_training(run_a, tiny_model_dir, t
     train.main(tiny_args(tiny_model_dir, output_dir, "--eval-steps", "1"))
     a, b = weights(run_a / "latest"), weights(output_dir / "latest")
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_resume_after_a_crash_gives_identical_weights(run_a, tiny_model_dir, tmp_path, monkeypatch):
-    output_dir = tmp_path / "run-b"
-    saved_step, resumed_calls = crash_then_resume(monkeypatch, tiny_args(tiny_model_dir, output_dir), crash_on_call=6)
-    assert 3 <= saved_step <= 5  # the step-3 checkpoint (or a later epoch-end one), never step 6
-    assert resumed_calls == 8 - saved_step  # continued, not restarted
-
-    a, b = weights(run_a / "latest"), weights(output_dir / "latest")
-    initial = weights(tiny_model_dir)
-    assert a.keys() == b.keys()
-    assert any(not torch.equal(a[k], initial[k]) for k in a), "training did not change the weights"
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"resumed run differs in {len(different)} tensors, e.g. {different[:3]}"
-    state_a, state_b = training_state(run_a / "latest"), training_state(output_dir / "latest")
-    assert state_a["state"]["step"] == state_b["state"]["step"] == 8
-    assert state_a["state"]["best_score"] == state_b["state"]["best_score"]
-    assert json.loads((run_a / "predictions.json").read_text()) == json.loads((output_dir / "predictions.json").read_text())
 
 
 def test_same_settings_give_the_same_run(run_a, tiny_model_dir, tmp_path):
@@ -136,15 +114,14 @@ def test_best_checkpoint_loads_with_plain_transformers(run_a):
 
 
 def test_resume_with_a_different_learning_rate_is_refused(run_a, tiny_model_dir):
-    before = weights(run_a / "latest")
+    before, config = weights(run_a / "latest"), (run_a / "config.yaml").read_text()
     args = tiny_args(tiny_model_dir, run_a, "--resume", "--learning-rate", "1e-2")
-    with pytest.raises(UserError, match="learning-rate"):
+    with pytest.raises(UserError, match="learning-rate") as error:
         train.main(args)
-    # In the CLI: exit status 2, one line, no traceback.
-    result = run_script("train.py", *args)
-    assert_one_line_error(result, "learning-rate", str(run_a / "latest"))
+    one_line(error, "--learning-rate 0.0003 -> 0.01", str(run_a / "latest"))
     after = weights(run_a / "latest")
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (run_a / "config.yaml").read_text() == config  # the refused run's settings are not recorded
 
 
 @pytest.mark.parametrize("flag, value", [
@@ -179,12 +156,12 @@ def small_windows(tokenizer):
 def accumulation_matches(model_dir, features, indices, kind="span", qa=None):
     collate = PadToLongest(features.pad_token_id, getattr(features, "padding_side", "right"))
     items = [features[i] for i in indices]
-    accumulated, whole = tiny_run(model_dir, kind=kind, qa=qa), tiny_run(model_dir, kind=kind, qa=qa)
+    accumulated, whole = sgd_run(model_dir, kind=kind, qa=qa), sgd_run(model_dir, kind=kind, qa=qa)
     # No clipping: it would hide a wrongly scaled gradient.
     step_a = train.train_step(accumulated, [collate(items[:4]), collate(items[4:])], max_grad_norm=1e9)
     step_w = train.train_step(whole, [collate(items)], max_grad_norm=1e9)
     assert step_a.loss == pytest.approx(step_w.loss, rel=1e-5) and step_a.grad_norm == pytest.approx(step_w.grad_norm, rel=1e-5)
-    initial = dict(tiny_run(model_dir, kind=kind).model.named_parameters())
+    initial = dict(sgd_run(model_dir, kind=kind).model.named_parameters())
     after_a, after_w = dict(accumulated.model.named_parameters()), dict(whole.model.named_parameters())
     assert any(not torch.equal(after_a[k], initial[k]) for k in initial)
     for name in after_a:
@@ -298,26 +275,6 @@ def test_a_resumed_v2_run_keeps_its_tuned_threshold_until_it_evaluates(tmp_path,
     assert QATask(train.parse_settings(flags), str(tiny_model_dir), None).run_config["null_threshold"] == 0.0
     given = train.parse_settings([*flags, "--null-score-diff-threshold", "0.5"])
     assert QATask(given, str(tiny_model_dir), saved).run_config["null_threshold"] == 0.5
-
-
-def test_compiled_lora_run_resumes_and_ends_like_an_eager_one(tiny_model_dir_no_dropout, tmp_path, monkeypatch):
-    """--compile keeps the parameter names: a compiled LoRA run saves, resumes after a crash, and
-    ends where an eager run ends (up to the rounding of fused kernels; without dropout, whose
-    compiled random masks differ from eager ones)."""
-    def flags(name, *extra):
-        return [*tiny_args(tiny_model_dir_no_dropout, tmp_path / name), "--lora", "--lora-dropout", "0",
-                "--max-steps", "4", "--save-steps", "2", "--no-eval-before-training", *extra]
-
-    eager = run_script("train.py", *flags("eager"))
-    assert eager.returncode == 0, eager.stderr[-2000:]
-    saved_step, resumed_calls = crash_then_resume(monkeypatch, flags("compiled", "--compile"), crash_on_call=4)
-    assert (saved_step, resumed_calls) == (2, 2)
-    eager = load_file(str(tmp_path / "eager" / "latest" / "adapter_model.safetensors"))
-    compiled = load_file(str(tmp_path / "compiled" / "latest" / "adapter_model.safetensors"))
-    assert eager.keys() == compiled.keys()
-    for name in eager:
-        if not any(name.endswith(tensor) for tensor in ZERO_GRADIENT_TENSORS):
-            torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_evaluation_before_training_is_skipped_only_for_a_fresh_span_head(tiny_model_dir, tmp_path):

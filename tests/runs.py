@@ -1,0 +1,180 @@
+"""Ways to run train.py in the tests, and to compare two runs' ends: in this process (with a crash on
+a chosen step), as a subprocess that is SIGKILLed at a chosen moment, or under torchrun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def training_state(directory: Path) -> dict:
+    return torch.load(directory / "training_state.pt", weights_only=True)
+
+
+def saved_step(output_dir: Path) -> int:
+    """The step of OUTPUT_DIR/latest, or -1 while there is none (or it is being replaced)."""
+    try:
+        return training_state(output_dir / "latest")["state"]["step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+def crash_then_resume(monkeypatch, argv: list[str], crash_on_call: int) -> tuple[int, int]:
+    """Run train.main(argv) until its `crash_on_call`-th train_step raises, then run it again with
+    --resume. Returns (the step latest/ held after the crash, train_step calls of the resumed run)."""
+    import train
+
+    real_step, calls, resumed_calls = train.train_step, [], []
+
+    def crashing(*args):
+        calls.append(1)
+        if len(calls) == crash_on_call:
+            raise RuntimeError("simulated crash")
+        return real_step(*args)
+
+    def counting(*args):
+        resumed_calls.append(1)
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(argv)
+    step = saved_step(Path(argv[argv.index("--output-dir") + 1]))
+    monkeypatch.setattr(train, "train_step", counting)
+    train.main([*argv, "--resume"])
+    return step, len(resumed_calls)
+
+
+def single_thread_env() -> dict:
+    # The same thread count in every process: the one-process runs then compute each evaluation
+    # batch exactly as each of the two processes does.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_command(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+            *map(str, args)]
+
+
+def run_torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=single_thread_env())
+
+
+def run_single(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=single_thread_env())
+
+
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    return result
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(line) for line in found.split()]
+
+
+def start_until_saved(command: list[str], output_dir: Path, step: int, **pipes) -> subprocess.Popen:
+    """`command` in the background, returned once `output_dir/latest` holds step `step` or later."""
+    process = subprocess.Popen(command, cwd=ROOT, text=True, env=single_thread_env(), start_new_session=True, **pipes)
+    deadline = time.monotonic() + 120
+    while saved_step(output_dir) < step and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return process
+
+
+def phase(output_dir: Path, stderr: bytes) -> str:
+    """What a train.py process is doing: saving (a temporary directory is there), evaluating (its
+    last progress bar is evaluation's or generation's, not training's), training or starting."""
+    if list(output_dir.glob("*.tmp")):
+        return "saving"
+    text = stderr.decode(errors="replace")
+    last_eval, last_train = max(text.rfind("evaluate"), text.rfind("generate")), text.rfind("train:")
+    if last_eval > last_train:
+        return "evaluating"
+    return "training" if last_train >= 0 else "starting"
+
+
+def killed_while(argv: list[str], output_dir: Path, moments: tuple[str, ...]) -> list[str]:
+    """`python train.py argv`, SIGKILLed when it is first in each of `moments` (evaluating, saving)
+    in turn and restarted with --resume each time, then left to finish. Returns the phases it was
+    killed in (fewer than `moments` if the run ended before a moment came)."""
+    phases = []
+    while not (output_dir / "results.json").exists():
+        resume = ["--resume"] if (output_dir / "latest").is_dir() or (output_dir / "latest.old").is_dir() else []
+        process = subprocess.Popen([sys.executable, "train.py", *argv, "--output-dir", str(output_dir), *resume],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stderr = bytearray()
+
+        def read_stderr():
+            while chunk := os.read(process.stderr.fileno(), 65536):
+                stderr.extend(chunk)
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+        while len(phases) < len(moments) and process.poll() is None:
+            if phase(output_dir, bytes(stderr)) == moments[len(phases)]:
+                os.kill(process.pid, signal.SIGKILL)
+                phases.append(moments[len(phases)])
+                break
+            time.sleep(0.001)
+        process.wait()
+        reader.join()
+        assert process.returncode in (0, -signal.SIGKILL), stderr.decode(errors="replace")[-3000:]
+    return phases
+
+
+def equal(a, b) -> bool:
+    """Nested dicts, lists and tensors equal bit for bit (a tensor's dtype included)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(equal, a, b))
+    return a == b
+
+
+def differences(reference: Path, resumed: Path, atol: float = 0.0, skip=()) -> list[str]:
+    """What differs between two finished runs' ends: the weights (or adapter) of latest/ and best/,
+    beyond `atol` (but those whose names end with one of `skip`); with `atol` 0, bit for bit, and
+    the optimizer, schedule, random states, step, scores and predictions too."""
+    found = []
+    for name in ("latest", "best"):
+        for file in sorted((reference / name).glob("*.safetensors")):
+            a, b = load_file(str(file)), load_file(str(resumed / name / file.name))
+            if a.keys() != b.keys() or any(not torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a
+                                           if not k.endswith(tuple(skip))):
+                found.append(f"{name}/{file.name}")
+    if atol:
+        return found
+    states = [training_state(run / "latest") for run in (reference, resumed)]
+    found += [key for key in ("optimizer", "scheduler", "scaler", "rng") if not equal(states[0][key], states[1][key])]
+    if untimed(states[0]["state"]) != untimed(states[1]["state"]):
+        found.append("training state (step, epoch, scores)")
+    predictions = [run / "predictions.json" for run in (reference, resumed)]  # QA runs write them
+    if predictions[0].exists() and predictions[0].read_text() != predictions[1].read_text():
+        found.append("predictions.json")
+    results = [json.loads((run / "results.json").read_text()) for run in (reference, resumed)]
+    if untimed(results[0]["eval"]) != untimed(results[1]["eval"]) or results[0]["steps"] != results[1]["steps"]:
+        found.append("results.json scores")
+    return found
+
+
+def untimed(value):
+    """Scores and training state without their durations, which no two runs share."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k not in ("seconds", "train_seconds")}
+    return value

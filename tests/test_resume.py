@@ -1,0 +1,177 @@
+"""Exact resume: a run interrupted in any way and resumed with --resume ends where the uninterrupted
+run ends: the same weights, optimizer, schedule and random states, scores and predictions, bit for
+bit (CPU, fp32), whatever the model, the part that trains, and however the run was stopped: an
+exception in a step, SIGKILL while evaluating or saving, SIGTERM or SIGKILL under torchrun (DDP and
+FSDP2). One test, a case per way; each case's uninterrupted twin runs once (the extractive one is
+the suite's shared tiny run)."""
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import GENERATIVE_RUN_FLAGS, ZERO_GRADIENT_TENSORS, assert_one_line_error, tiny_flags
+from runs import (children, crash_then_resume, differences, killed_while, run_single, run_torchrun, saved_step,
+                  start_until_saved, succeeded, torchrun_command)
+
+
+def clm_flags(model_dir, cache: Path):
+    return ["--task", "clm", "--model", model_dir, "--block-size", "32", "--batch-size", "2", "--grad-accum-steps", "2",
+            "--max-steps", "7", "--save-steps", "3", "--learning-rate", "1e-2", "--device", "cpu", "--precision", "fp32",
+            "--cache-dir", cache]
+
+
+def generative_flags(model_dir, *extra):
+    """4 optimizer steps (16 windows, batches of 4), latest/ saved every 2."""
+    return ["--model", model_dir, "--learning-rate", "1e-2", "--epochs", "1", "--save-steps", "2", *GENERATIVE_RUN_FLAGS,
+            *extra]
+
+
+TORCHRUN_STEPS = 12
+
+
+def torchrun_flags(model_dir, *extra):
+    """A run with dropout (each process its own random stream), saved after every step."""
+    return ["--model", model_dir, "--device", "cpu", "--precision", "fp32", "--max-train-samples", "40",
+            "--max-eval-samples", "4", "--batch-size", "2", "--grad-accum-steps", "2", "--max-steps",
+            TORCHRUN_STEPS, "--save-steps", "1", *extra]
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # the model's fixture
+    flags: Callable  # (model directory, a directory for caches) -> train.py flags, without --output-dir
+    interrupt: str  # crash, kill, torchrun-sigterm or torchrun-sigkill
+    crash: tuple[int, int, int] = (0, 0, 0)  # the train_step call that raises, the step latest/ then held, the last step
+    twin_drops: tuple[str, ...] = ()  # flags the uninterrupted twin runs without
+    atol: float = 0.0  # 0: bit for bit
+
+
+CASES = {
+    "extractive, crash": Case("tiny_model_dir", lambda m, c: tiny_flags(m), "crash", (6, 5, 8)),
+    "seq2seq, last layers, crash": Case(
+        "tiny_t5_dir", lambda m, c: generative_flags(m, "--freeze", "encoder,decoder", "--train-last-layers", "1"),
+        "crash", (3, 2, 4)),
+    # LoRA dropout on: the resumed run must restore the random state too.
+    "decoder-only QA, LoRA, crash": Case("tiny_llama_dir", lambda m, c: generative_flags(m, "--lora"), "crash",
+                                         (3, 2, 4)),
+    "causal LM, crash": Case("tiny_llama_dir", clm_flags, "crash", (5, 3, 7)),
+    # --compile keeps the parameter names, so a compiled run saves and resumes; its kernels round
+    # differently, so it ends at the eager run's end to float tolerance (without dropout, whose
+    # compiled masks differ from eager ones).
+    "extractive, LoRA, compiled, crash": Case(
+        "tiny_model_dir_no_dropout", lambda m, c: tiny_flags(m, "--lora", "--lora-dropout", "0", "--max-steps", "4",
+                                                             "--save-steps", "2", "--no-eval-before-training",
+                                                             "--compile"),
+        "crash", (4, 2, 4), twin_drops=("--compile",), atol=1e-5),
+    "extractive, SIGKILL while evaluating and while saving": Case(
+        "tiny_model_dir", lambda m, c: tiny_flags(m, "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4",
+                                                  "--eval-batch-size", "2", "--log-steps", "1",
+                                                  "--no-eval-before-training"), "kill"),
+    "torchrun DDP, SIGTERM": Case("tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-sigterm"),
+    "torchrun FSDP, SIGTERM": Case("tiny_model_dir", lambda m, c: torchrun_flags(m, "--fsdp"), "torchrun-sigterm"),
+    "torchrun, every process SIGKILLed": Case("tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-sigkill"),
+}
+
+
+def with_output(flags: list, output_dir: Path) -> list[str]:
+    return [*map(str, flags), "--output-dir", str(output_dir)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_run):
+    """(flags, under torchrun) -> the output directory of a run with those flags never interrupted."""
+    runs = {(tuple(tiny_run.flags), False): tiny_run.output_dir}
+
+    def run(flags: list, torchrun: bool) -> Path:
+        key = (tuple(map(str, flags)), torchrun)
+        if key not in runs:
+            output_dir = tmp_path_factory.mktemp("uninterrupted")
+            if torchrun:
+                succeeded(run_torchrun(*with_output(flags, output_dir)))
+            else:
+                train.main(with_output(flags, output_dir))
+            runs[key] = output_dir
+        return runs[key]
+
+    return run
+
+
+def crash(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
+    """An exception in a train_step; the run resumes from its last checkpoint."""
+    crash_on_call, step, last = case.crash
+    assert crash_then_resume(monkeypatch, with_output(flags, output_dir), crash_on_call) == (step, last - step)
+
+
+def kill(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
+    """SIGKILL from outside (no cleanup runs) while evaluating, then while saving, resumed each time."""
+    assert killed_while(flags, output_dir, ("evaluating", "saving")) == ["evaluating", "saving"]
+
+
+def torchrun_sigterm(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
+    """SIGTERM to torchrun in mid-run stops every process at the same step with one save, resumed
+    under torchrun (FSDP: from the gathered optimizer state, sharded again). A DDP run may also
+    resume in one process with the same global batch, and refuses another."""
+    process = start_until_saved(torchrun_command(*with_output(flags, output_dir)), output_dir, 2,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    step = saved_step(output_dir)
+    assert 2 <= step < TORCHRUN_STEPS, f"stopped at {step}\n{stderr[-3000:]}"
+    assert stderr.count(f"stopped at step {step}; continue with --resume") == 1, stderr[-3000:]
+    assert "Traceback" not in stderr.split("stopped at step")[0], stderr[-3000:]
+    one_process = shutil.copytree(output_dir, output_dir.with_name("one-process"))
+    succeeded(run_torchrun(*with_output(flags, output_dir), "--resume"))
+    if "--fsdp" in flags:
+        return
+    refused = run_single(*with_output(flags, one_process), "--resume")  # the command line's one error line
+    assert_one_line_error(refused, "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4")
+    batch = flags.index("--batch-size") + 1
+    succeeded(run_single(*with_output([*flags[:batch], "4", *flags[batch + 1:]], one_process), "--resume"))
+    assert saved_step(one_process) == TORCHRUN_STEPS
+
+
+def torchrun_sigkill(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
+    """Every process killed at once, as when a machine is lost, perhaps in the middle of a save: the
+    run resumes from its last complete checkpoint."""
+    process = start_until_saved(torchrun_command(*with_output(flags, output_dir)), output_dir, 3,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for pid in children(process.pid):  # torchrun starts its workers in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    process.kill()
+    process.wait(timeout=60)
+    assert not (output_dir / "results.json").exists(), "the run ended before it was killed"
+    succeeded(run_torchrun(*with_output(flags, output_dir), "--resume"))
+
+
+INTERRUPTIONS = {"crash": crash, "kill": kill, "torchrun-sigterm": torchrun_sigterm, "torchrun-sigkill": torchrun_sigkill}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_an_interrupted_run_resumes_to_the_uninterrupted_end(request, uninterrupted, tmp_path_factory, tmp_path,
+                                                             monkeypatch, name):
+    case = CASES[name]
+    flags = list(map(str, case.flags(request.getfixturevalue(case.model), tmp_path_factory.getbasetemp() / "cache")))
+    torchrun = case.interrupt.startswith("torchrun")
+    twin = uninterrupted([flag for flag in flags if flag not in case.twin_drops], torchrun)
+    resumed = tmp_path / "resumed"
+    INTERRUPTIONS[case.interrupt](case, flags, resumed, monkeypatch)
+    assert differences(twin, resumed, case.atol, skip=ZERO_GRADIENT_TENSORS if case.atol else ()) == []
+    assert_trained(twin, request.getfixturevalue(case.model))
+
+
+def assert_trained(output_dir: Path, model_dir: Path) -> None:
+    """The run's weights moved (or its LoRA adapter's B, which starts at 0): equal ends prove something."""
+    adapter = output_dir / "latest" / "adapter_model.safetensors"
+    if adapter.exists():
+        assert any(v.abs().max() > 0 for k, v in load_file(str(adapter)).items() if "lora_B" in k)
+        return
+    trained, initial = (load_file(str(d / "model.safetensors")) for d in (output_dir / "latest", model_dir))
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial if k in trained)
