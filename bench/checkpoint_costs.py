@@ -55,42 +55,42 @@ def sha256_of_every_file(directory: Path) -> None:
             hashlib.file_digest(f, "sha256")
 
 
-def measure(name: str, work: Path, repeats: int) -> tuple[list[list[str]], list[str]]:
-    """(the fsync rows of latest/ and best/, the verification row of best/)."""
-    kind, task = MODELS[name]
-    model, tokenizer = load_model(resolve_model(name), kind), load_tokenizer(resolve_model(name))
-    settings = {"task": task, "model_kind": kind, "lora": False}
-    fsync_rows = []
-    for checkpoint, state in (("latest", training_state(model)), ("best", None)):
-        def save():
-            os.sync()
-            started = time.perf_counter()
-            save_checkpoint(work / checkpoint, model, tokenizer, settings, state)
-            return time.perf_counter() - started
+def timed_save(directory: Path, model, tokenizer, settings: dict, state: dict | None) -> float:
+    os.sync()  # so that this save does not inherit the previous one's unwritten pages
+    started = time.perf_counter()
+    save_checkpoint(directory, model, tokenizer, settings, state)
+    return time.perf_counter() - started
 
-        save()  # a warm-up: first writes allocate
+
+def fsync_rows(name: str, work: Path, settings: dict, repeats: int) -> list[list[str]]:
+    """latest/ and best/ saved with and without fsync, interleaved."""
+    model, tokenizer = load_model(resolve_model(name), settings["model_kind"]), load_tokenizer(resolve_model(name))
+    rows = []
+    for checkpoint, state in (("latest", training_state(model)), ("best", None)):
+        timed_save(work / checkpoint, model, tokenizer, settings, state)  # a warm-up: first writes allocate
         durable, plain = [], []
         for _ in range(repeats):
-            durable.append(save())
+            durable.append(timed_save(work / checkpoint, model, tokenizer, settings, state))
             with mock.patch("os.fsync"):
-                plain.append(save())
+                plain.append(timed_save(work / checkpoint, model, tokenizer, settings, state))
         durable, plain = statistics.median(durable), statistics.median(plain)
-        fsync_rows.append([name, f"{checkpoint}/", f"{size_mb(work / checkpoint):.0f}", f"{plain:.2f}", f"{durable:.2f}",
-                           f"{durable - plain:+.2f}", f"{durable / plain:.2f}x"])
-    best = work / "best"
-    del model
+        rows.append([name, f"{checkpoint}/", f"{size_mb(work / checkpoint):.0f}", f"{plain:.2f}", f"{durable:.2f}",
+                     f"{durable - plain:+.2f}", f"{durable / plain:.2f}x"])
+    return rows
 
+
+def verification_row(name: str, best: Path, settings: dict, repeats: int) -> list[str]:
+    """Loading `best` plainly and inside verified_checkpoint, hashing it alone, writing its manifest."""
     def verified_load():
         with verified_checkpoint(best):
-            load_model(str(best), kind)
+            load_model(str(best), settings["model_kind"])
 
     loads = {variant: seconds_per_call(call, repeats, warmup=0) for variant, call in (
-        ("plain", lambda: load_model(str(best), kind)), ("verified", verified_load),
+        ("plain", lambda: load_model(str(best), settings["model_kind"])), ("verified", verified_load),
         ("hashing", lambda: sha256_of_every_file(best)))}
     manifest = seconds_per_call(lambda: write_manifest(best, settings), repeats, warmup=0)
-    verify_row = [name, f"{size_mb(best):.0f}", f"{loads['plain']:.3f}", f"{loads['verified']:.3f}",
-                  f"{loads['verified'] - loads['plain']:+.3f}", f"{loads['hashing']:.3f}", f"{manifest:.2f}"]
-    return fsync_rows, verify_row
+    return [name, f"{size_mb(best):.0f}", f"{loads['plain']:.3f}", f"{loads['verified']:.3f}",
+            f"{loads['verified'] - loads['plain']:+.3f}", f"{loads['hashing']:.3f}", f"{manifest:.2f}"]
 
 
 def main() -> None:
@@ -101,18 +101,22 @@ def main() -> None:
     p.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "checkpoint_costs.md")
     args = p.parse_args()
     disk = subprocess.run(["df", "-T", args.directory], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    measured = []
     with tempfile.TemporaryDirectory(dir=args.directory) as work:
-        measured = [measure(name, Path(work), args.repeats) for name in args.models]
+        for name in args.models:
+            settings = {"task": MODELS[name][1], "model_kind": MODELS[name][0], "lora": False}
+            rows = fsync_rows(name, Path(work), settings, args.repeats)  # its model is freed before the loads
+            measured.append((rows, verification_row(name, Path(work) / "best", settings, args.repeats)))
     write_report(args.report, [
         "# What durable saves and verified loads cost", "", machine_line(), "",
         f"Disk: {disk[0]} ({disk[1]}). Median of {args.repeats} saves by `save_checkpoint`, with and without fsync, "
         "interleaved, `sync` before each.", "",
         *table(["model", "checkpoint", "MB", "save s, no fsync", "save s, fsync", "fsync cost s", "ratio"],
-               [row for fsync_rows, _ in measured for row in fsync_rows]),
+               [row for rows, _ in measured for row in rows]),
         "", f"Loading `best/` from the page cache, median of {args.repeats}; the manifest: writing it (hashing every "
             "file), a part of every save.", "",
         *table(["model", "MB", "load s", "load inside verified_checkpoint s", "check cost s", "sha256 of every file, "
-                "alone s", "writing the manifest s"], [verify_row for _, verify_row in measured]),
+                "alone s", "writing the manifest s"], [row for _, row in measured]),
     ])
 
 

@@ -89,8 +89,8 @@ def sweep_lines(name: str, description: str, data: str, runs: dict) -> list[str]
     zero_shot = zero_shot_perplexity(finished)
     best = max(finished, key=lambda key: goodness(finished[key], zero_shot))
     if zero_shot:
-        lines += [f"Zero-shot validation perplexity {zero_shot:.2f} over {next(iter(finished.values()))['eval']['tokens']:,} "
-                  "tokens (lower is better).", ""]
+        tokens = next(iter(finished.values()))["eval"]["tokens"]
+        lines += [f"Zero-shot validation perplexity {zero_shot:.2f} over {tokens:,} tokens (lower is better).", ""]
         header = ["validation perplexity", "relative to zero-shot"]
     else:
         header = ["F1", f"EM (on {next(iter(finished.values()))['eval']['total']} questions)"]

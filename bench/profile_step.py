@@ -56,7 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `bench` and the product
 import train  # noqa: E402
-from bench.harness import (ROOT, machine_line, matmul_parameters, matmul_peak_flops, seconds_per_call, table,  # noqa: E402
+from bench.harness import (ROOT, machine_line, matmul_peak_flops, seconds_per_call, table,  # noqa: E402
                            training_flops_per_token, write_report)
 from bench.trainer_baseline import WithoutFeatureIndex  # noqa: E402
 from data.batching import longest_first_batches  # noqa: E402
@@ -479,7 +479,8 @@ def attention_report(args) -> list[str]:
     for name, shape in shapes.items():
         for precision in DTYPES:
             picked = choose_attention("auto", torch.device("cpu"), precision, decoder_only=shape[5])[0]
-            times = {choice: attention_seconds(shape, choice, precision, args.repeats) for choice in (SDPA, SDPA_FP32, EAGER)}
+            times = {choice: attention_seconds(shape, choice, precision, args.repeats)
+                     for choice in (SDPA, SDPA_FP32, EAGER)}
             rows += [[name, precision, f"`{choice}`", f"{forward * 1e3:.1f}", f"{times[SDPA][0] / forward:.2f}x",
                       f"{training * 1e3:.1f}", f"{times[SDPA][1] / training:.2f}x", "yes" if choice == picked else ""]
                      for choice, (forward, training) in times.items()]

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `bench` and the product
-from bench.harness import ROOT, TRAIN, existing_file, machine_line, run_training, split_squad, table, write_report  # noqa: E402
+from bench.harness import (ROOT, TRAIN, existing_file, machine_line, run_training, split_squad, table,  # noqa: E402
+                           write_report)
 
 RUNS = {"full fine-tuning": [], "LoRA r=8, all linear layers": ["--lora"]}
 

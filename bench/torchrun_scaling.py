@@ -102,6 +102,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "torchrun_scaling.md")
     args = p.parse_args()
+    if set(args.workloads.split(",")) - {"qa", "clm"}:
+        sys.exit(f"error: --workloads {args.workloads}: choose from qa, clm")
     if QA_BATCH % args.processes or CLM_BATCH % args.processes:
         sys.exit(f"error: --processes must divide the global batches {QA_BATCH} and {CLM_BATCH}")
     configs = {"one process": (1, args.processes, []), "DDP": (args.processes, 1, []),
@@ -124,13 +126,11 @@ def main():
                 title, global_batch = "MiniLM extractive QA (`minilm-l6`)", QA_BATCH
                 flags = [*workload.flags, "--max-eval-samples", "100", "--max-steps", str(args.qa_steps)]
                 details = f"{args.qa_steps} optimizer steps of {QA_BATCH} windows; F1 on the first 100 validation questions"
-            elif name == "clm":
+            else:
                 workload = split_wikitext(args.wikitext, 0.02, directory)  # the last of 60 articles
                 title, global_batch = "SmolLM2-135M causal LM (`smollm2-135m`)", CLM_BATCH
                 flags = [*workload.flags, "--block-size", "256", "--max-steps", str(args.clm_steps)]
-                details = f"{args.clm_steps} optimizer steps of {CLM_BATCH} x 256 tokens; perplexity on the validation articles"
-            else:
-                sys.exit(f"error: unknown workload {name!r} (choose from qa, clm)")
+                details = f"{args.clm_steps} optimizer steps of {CLM_BATCH} x 256 tokens; perplexity on the last article"
             rows = []
             for config, (processes, threads, extra) in configs.items():
                 batch = ["--batch-size", str(global_batch // processes)]
