@@ -115,14 +115,14 @@ def main():
     clm = tasks.add_parser("clm", help="causal LM, SmolLM2-135M, WikiText-2")
     clm.add_argument("data", type=existing_file, help="WikiText-2 raw text, e.g. ../shared/data/wikitext-2-raw/valid.txt.gz")
     clm.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
-    for task in (squad, clm):
-        task.add_argument("--configs", help="comma-separated configurations (default: see above)")
+    for name, task in (("squad", squad), ("clm", clm)):
+        task.add_argument("--configs", default=DEFAULT_CONFIGS[name], help="comma-separated WHO-PRECISION[-ORDER] "
+                          "configurations (default: %(default)s)")
         task.add_argument("--repeats", type=int, default=1)
-        task.add_argument("--report", type=Path, help="default bench/results/against_trainer_TASK.md")
+        task.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / f"against_trainer_{name}.md")
     args = p.parse_args()
-    names = (args.configs or DEFAULT_CONFIGS[args.task]).split(",")
+    names = args.configs.split(",")
     configs = {name: configuration(name) for name in names}
-    report = args.report or ROOT / "bench" / "results" / f"against_trainer_{args.task}.md"
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -187,7 +187,7 @@ def main():
                       "on one half of the validation articles, applied to the other.", "",
                   *table(["tuned on", "scored on", "threshold", "F1 there", "HasAns F1", "NoAns F1",
                           "F1 with its own best threshold"], held_out)]
-    write_report(report, lines)
+    write_report(args.report, lines)
 
 
 if __name__ == "__main__":
