@@ -1,7 +1,7 @@
 """Strong scaling of train.py under torchrun on a CPU: are P processes of 1 thread as fast as one
 process of P threads at the same global batch, and what memory does each process hold?
 
-    python bench/torchrun_scaling.py ../shared/data/squad-v1.1/dev-pool-v1.1.json.gz \
+    python bench/torchrun_scaling.py ../shared/data/squad-v1.1/dev-pool-v1.1.json.gz \\
         ../shared/data/wikitext-2-raw/valid.txt.gz [--qa-steps 20] [--clm-steps 6] [--repeats 1]
 
 Each workload trains for the same optimizer steps of the same global batch in three configurations,

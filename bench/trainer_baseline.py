@@ -1,8 +1,8 @@
 """The baseline of bench/against_trainer.py: the fine-tuning train.py does, done by `transformers.Trainer`.
 
-    python bench/trainer_baseline.py --task qa --train-file T.json --validation-file V.json --output-dir OUT \
+    python bench/trainer_baseline.py --task qa --train-file T.json --validation-file V.json --output-dir OUT \\
         [--precision auto|fp32|bf16] [--group-by-length] [--attention-dropout P]
-    python bench/trainer_baseline.py --task clm --train-file T.txt --validation-file V.txt --output-dir OUT \
+    python bench/trainer_baseline.py --task clm --train-file T.txt --validation-file V.txt --output-dir OUT \\
         --max-steps 15 --batch-size 8 --block-size 256 --learning-rate 3e-5 --cache-dir CACHE
 
 Its flags mean what train.py's mean, and it writes the keys of train.py's results.json that the
