@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
 from engine.device import cpuinfo_field
+from models.backbones import load_config, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = "train.py"
@@ -127,8 +129,6 @@ def split_wikitext(source: Path, validation_share: float, directory: Path) -> Wo
 def cpu_description() -> str:
     """One line naming the CPU, its core count, its vector extensions and the library versions, e.g.
     "AMD EPYC 7B13, 2 CPUs, AVX2 (no AVX512, no AMX); torch 2.13.0+cpu, transformers 5.24.0"."""
-    import transformers
-
     flags = set((cpuinfo_field("flags") or "").split())
     amx = {"amx_bf16", "amx_tile"} <= flags
     present = ["AMX"] * amx + [label for label, flag in (("AVX512-BF16", "avx512_bf16"), ("AVX512F", "avx512f"),
@@ -163,11 +163,7 @@ def training_flops_per_token(model: torch.nn.Module, context: int) -> float:
 
 def model_on_meta(name: str, kind: str) -> torch.nn.Module:
     """The model of a configuration ("span" or "causal-lm"), no weights allocated: enough to count."""
-    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering
-
-    from models.backbones import load_config, resolve_model
-
-    auto_class = {"causal-lm": AutoModelForCausalLM, "span": AutoModelForQuestionAnswering}[kind]
+    auto_class = {"causal-lm": transformers.AutoModelForCausalLM, "span": transformers.AutoModelForQuestionAnswering}[kind]
     with torch.device("meta"):
         return auto_class.from_config(load_config(resolve_model(name)))
 
