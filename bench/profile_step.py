@@ -1,409 +1,518 @@
-"""Benchmark: where the time of one training step goes, and what torch.compile gives.
+"""Where a training step's time goes, on the CPU: three profiles.
 
-    python bench/profile_step.py [--steps 3] [--workloads qa,clm] [--precisions fp32,bf16] [--no-compile]
+    python bench/profile_step.py step [--workloads qa,clm] [--precisions fp32,bf16] [--steps 3] [--warmup 2]
+    python bench/profile_step.py overhead [--steps 60] [--warmup 5] [--read-steps 10]
+    python bench/profile_step.py attention [--repeats 7]
 
-Two workloads on the CPU, each in each precision (fp32, and bf16 autocast), each built by train.py's own `parse_args` and `setup` (model, data,
-AdamW, schedule) and stepped by its own `micro_batches_of_step` and `train_step`, so that what is
-measured is the training loop's step, not a copy of it:
+`step`: train.py's own step and evaluation pass, per precision (fp32, bf16 autocast), on its global
+batches in its order; each workload built by train.py's `parse_args` and `setup` (its defaults, its
+attention and dropout choices included) and stepped by its `micro_batches_of_step` and `train_step`:
+qa, MiniLM-L6 (`minilm-l6`) on 16 windows of the shipped SQuAD sample; clm, SmolLM2-135M
+(`smollm2-135m`) on 8 blocks of 256 tokens of the shipped text. `--warmup` steps, then `--steps`
+timed ones (their median), as many evaluation forward passes over the validation set; model FLOPs
+against the matmul peak of the row's precision measured here. Then the timed steps again under
+`torch.profiler`: the ops with the most self time, and the step's shares in matrix multiplies and
+attention kernels, the optimizer, collation, the backward pass and drawing dropout masks.
 
-- qa: extractive QA, MiniLM-L6 (`minilm-l6`), global batches of 16 windows of up to 384 tokens of the
-  shipped SQuAD sample, run as train.py runs them: in length-sorted pieces, each padded to its longest;
-- clm: causal LM, SmolLM2-135M (`smollm2-135m`), batches of `--clm-batch` (8) blocks of `--clm-block`
-  (256) tokens of the shipped text sample.
+`overhead`: train.py's loop against `transformers.Trainer`, on a 2-layer, 64-wide BERT (its compute
+is small) and generated SQuAD questions whose every window is 384 tokens, fp32, in this process.
+Host reads per optimizer step of 2 micro-batches: the op behind `.item()`, `float()`, `bool()` and
+`int()` (`aten._local_scalar_dense`, from Python or inside torch), and `.tolist()`, `.numpy()`,
+`.cpu()`; ours inside `train.train_step`, the Trainer's in `train()` from the first step's start,
+less its data collator, logging once and logging every step. Overhead per optimizer step of 1
+micro-batch: the time between step starts less the time that step spent in the model's forward,
+`Tensor.backward`, `clip_grad_norm_` and the optimizer's step, timed alike in both loops (so the
+machine's drift in speed cancels out); medians.
 
-Each workload runs the global batches train.py would run, in its order (epoch after epoch), so
-sequence lengths vary from step to step as in training. For each workload:
+`attention`: each kernel `--attention` can choose (`sdpa`, `sdpa-fp32`, `eager`), one layer as
+transformers calls it, on random inputs of MiniLM's and SmolLM2's shapes, fp32 and bf16 autocast,
+forward alone and forward + backward, medians of `--repeats` after a warm-up; and which one
+`--attention auto` picks on this CPU.
 
-1. Eager: `--warmup` (2) steps, then `--steps` (3) timed steps; the same number of passes of the
-   evaluation's forward pass over the validation set (`model.eval()`, no gradients, the evaluation's
-   batches, longest first). Then the same timed training steps again under `torch.profiler` (CPU):
-   the ops with the most self CPU time, and the share of the step in matrix multiplies and attention
-   kernels, in `optimizer.step`, in collation, and in everything else.
-2. torch.compile: `model.compile()` (in place: the state_dict keys stay the same), then with
-   `dynamic=True`, each timed like eager after a torch._dynamo reset. A call that compiles a graph
-   (the warm-up calls, and any later call with a new shape) is left out of the median; its excess
-   over the median is reported as compile time. A compile failure (it needs a C++ compiler) is
-   reported in the table, not raised.
-3. Model FLOP/s of every row, against the matmul peak of its precision measured here (square torch.mm).
-
-A summary per workload puts the precisions side by side: step and evaluation pass, speed over fp32,
-share of the precision's peak, and the share of the step spent drawing dropout masks.
-
-Writes a Markdown report to stdout and to `--report`. Timings on a machine shared with other work
-are not worth reporting: run it alone.
+Each writes a Markdown report to stdout and to `--report`. Run it alone: timings on a machine shared
+with other work are not worth reporting.
 """
 import argparse
-import gc
-import logging
+import contextlib
+import functools
+import json
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import traceback
+import weakref
+from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import torch
-import torch._dynamo
+import transformers
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `bench` and the product
 import train  # noqa: E402
-from bench.machine import cpu_description, matmul_parameters, matmul_peak_flops, training_flops_per_token  # noqa: E402
-from bench.qa_squad import write_report  # noqa: E402
-from clm.language_model import next_token_loss  # noqa: E402
-from data.batching import longest_first_batches, step_plan  # noqa: E402
+from bench.harness import (ROOT, machine_line, matmul_peak_flops, seconds_per_call, table,  # noqa: E402
+                           training_flops_per_token, write_report)
+from bench.trainer_baseline import WithoutFeatureIndex  # noqa: E402
+from data.batching import longest_first_batches  # noqa: E402
+from data.qa_features import SquadFeatures  # noqa: E402
+from data.squad import SquadExamples  # noqa: E402
 from engine.device import autocast_for_pass  # noqa: E402
-from qa.extractive import val_step  # noqa: E402
+from models.attention import EAGER, SDPA, SDPA_FP32, choose_attention, sdpa_in_fp32  # noqa: E402
+from models.backbones import load_model, load_tokenizer, resolve_model  # noqa: E402
 
-COMPILE_MODES = {"compiled": {}, "compiled, dynamic=True": {"dynamic": True}}
+RESULTS = ROOT / "bench" / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+# --- step ----------------------------------------------------------------------------------------
+
+STEP_WORKLOADS = {
+    "qa": ("extractive QA, MiniLM-L6 (`minilm-l6`), batch 16 windows of up to 384 tokens",
+           ["--task", "qa", "--model", "minilm-l6"]),
+    "clm": ("causal LM, SmolLM2-135M (`smollm2-135m`), batch 8 blocks of 256 tokens",
+            ["--task", "clm", "--model", "smollm2-135m", "--batch-size", "8", "--block-size", "256"]),
+}
 # Self time of these ops is the matrix-multiply and attention work; everything else is elementwise
 # ops, norms, softmax, copies, the optimizer, collation and Python.
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation"}
 ATTENTION_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention")
 STEP_LABEL, COLLATE_LABEL = "bench: step", "bench: collate"
 OPTIMIZER_STEP = "Optimizer.step#AdamW.step"
-# Drawing dropout masks: torch's own dropout (`bernoulli_`), or models/dropout.py's labelled draw.
-DROPOUT_EVENTS = ("aten::bernoulli_", "dropout mask")
-PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOP_OPS = 12
+DROPOUT_EVENTS = ("aten::bernoulli_", "dropout mask")  # torch's dropout, or models/dropout.py's labelled draw
 
 
-@dataclass
-class Workload:
-    title: str
-    flags: list[str]  # train.py flags that define it
-    eval_forward: Callable  # the evaluation's forward pass: (model, batch) -> outputs, without gradients
+def sequence_flops(model, lengths) -> float:
+    """Training FLOPs of sequences of these real lengths."""
+    return sum(int(n) * training_flops_per_token(model, int(n)) for n in lengths)
 
 
-def workloads(args) -> dict[str, Workload]:
-    return {
-        "qa": Workload("extractive QA, MiniLM-L6 (`minilm-l6`), batch 16 windows of up to 384 tokens",
-                       ["--task", "qa", "--model", "minilm-l6"], val_step),
-        "clm": Workload(f"causal LM, SmolLM2-135M (`smollm2-135m`), batch {args.clm_batch} blocks of "
-                        f"{args.clm_block} tokens",
-                        ["--task", "clm", "--model", "smollm2-135m", "--batch-size", str(args.clm_batch),
-                         "--block-size", str(args.clm_block)],
-                        torch.no_grad()(next_token_loss)),
-    }
+def is_matmul(op: str) -> bool:
+    return op in MATMUL_OPS or op.startswith(ATTENTION_PREFIXES)
 
 
-@dataclass
-class Calls:
-    """Each timed call (a training step or an evaluation pass): wall seconds, graphs torch.compile
-    made during it, real tokens, and model FLOPs. The first `warmup` calls are never in the median."""
-
-    warmup: int
-    seconds: list[float] = field(default_factory=list)
-    new_graphs: list[int] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    flops: list[float] = field(default_factory=list)
-
-    def steady(self) -> list[int]:
-        """Indices of the calls after warm-up that compiled nothing: the speed one gets after compiling."""
-        return [i for i in range(self.warmup, len(self.seconds)) if not self.new_graphs[i]]
-
-    def median(self) -> float:
-        return statistics.median(self.seconds[i] for i in self.steady())
-
-    def rate(self, values: list[float]) -> float:
-        steady = self.steady()
-        return sum(values[i] for i in steady) / sum(self.seconds[i] for i in steady)
-
-    def compile_seconds(self) -> float:
-        """Extra time of the calls that compiled, over the steady median (their shapes differ a little,
-        so this is an estimate)."""
-        return sum(s - self.median() for s, graphs in zip(self.seconds, self.new_graphs) if graphs)
+def eval_forward(task: str, run, batch: dict) -> None:
+    """The evaluation's forward pass: the span logits, or the (chunked) next-token loss."""
+    with torch.no_grad():
+        if task == "qa":
+            run.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        else:
+            run.task.loss(run.model, batch)
 
 
-def compiled_graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-def sequence_flops(model: torch.nn.Module, lengths) -> float:
-    """Training FLOPs of sequences of these real lengths: 6 x matmul parameters x tokens, plus attention
-    12 x layers x hidden x length per token (bench/machine.py); a forward pass alone is a third of it."""
-    config, parameters = model.config, matmul_parameters(model)
-    return sum(int(n) * training_flops_per_token(parameters, config.num_hidden_layers, config.hidden_size, int(n))
-               for n in lengths)
-
-
-def step_batches(run, count: int) -> list[list[int]]:
-    """The first `count` global batches train.py runs, epoch after epoch."""
-    batches, epoch = [], 0
-    while len(batches) < count:
-        batches += run.batches.for_epoch(epoch)
-        epoch += 1
-    return batches[:count]
-
-
-def eval_batches(run, batch_size: int) -> list[list[int]]:
-    """The evaluation's batches, in its order: longest first, the last one possibly partial."""
-    return longest_first_batches(run.task.eval_set.lengths, batch_size)
-
-
-def time_train_steps(run, args, batches: list[list[int]], warmup: int) -> Calls:
-    """train.py's step on each batch; collation (which train.py does ahead, in a thread) is not timed."""
-    calls, lengths = Calls(warmup), run.task.train_set.lengths
-    for batch in batches:
-        micro_batches, _ = train.micro_batches_of_step(run, batch, args.batch_size)
-        graphs = compiled_graphs()
-        started = time.perf_counter()
-        train.train_step(run, micro_batches, args.max_grad_norm)
-        calls.seconds.append(time.perf_counter() - started)
-        calls.new_graphs.append(compiled_graphs() - graphs)
-        calls.tokens.append(int(sum(lengths[i] for i in batch)))
-        calls.flops.append(sequence_flops(run.model, lengths[batch]))
-    return calls
-
-
-def time_eval_passes(run, eval_forward, batches: list[list[int]], passes: int, warmup: int) -> Calls:
-    """Each call is the forward pass over every evaluation batch, as in train.py's evaluation: the
-    partial last batch is a shape of its own, which torch.compile must handle too."""
-    calls, eval_set = Calls(warmup), run.task.eval_set
-    inputs = [run.task.collate([eval_set[i] for i in batch]) for batch in batches]
-    all_lengths = eval_set.lengths[[i for batch in batches for i in batch]]
-    run.model.eval()
-    for _ in range(passes):
-        graphs = compiled_graphs()
-        started = time.perf_counter()
-        with autocast_for_pass(run.model, run.device, run.precision):  # as the evaluation runs it
-            for batch in inputs:
-                eval_forward(run.model, batch)
-        calls.seconds.append(time.perf_counter() - started)
-        calls.new_graphs.append(compiled_graphs() - graphs)
-        calls.tokens.append(int(all_lengths.sum()))
-        calls.flops.append(sequence_flops(run.model, all_lengths) / 3)
-    return calls
-
-
-@dataclass
-class Profile:
-    seconds_per_step: float
-    top: list[tuple[str, float, bool]]  # (op, self seconds per step, is a matmul or attention kernel)
-    matmul: float  # shares of the profiled wall time
-    optimizer: float
-    collate: float
-    backward: float
-    dropout: float
-
-
-def is_matmul(name: str) -> bool:
-    return name in MATMUL_OPS or name.startswith(ATTENTION_PREFIXES)
-
-
-def profile_steps(run, args, batches: list[list[int]]) -> Profile:
-    """The steps (collation included) under the CPU profiler. Op self times add up to the wall time:
-    on a CPU, autograd runs the backward pass on the calling thread, and an op's intra-op threads
-    work inside its own time."""
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as profiler:
+def profile_steps(run, train_args, batches: list[list[int]]) -> dict:
+    """The steps, collation included, under the CPU profiler: seconds per step, the top ops, and the
+    step's shares. Op self times add up to the wall time: on a CPU autograd runs the backward on
+    the calling thread, and an op's intra-op threads work inside its own time."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
         started = time.perf_counter()
         for batch in batches:
             with record_function(STEP_LABEL):
                 with record_function(COLLATE_LABEL):
-                    micro_batches, _ = train.micro_batches_of_step(run, batch, args.batch_size)
-                train.train_step(run, micro_batches, args.max_grad_norm)
+                    micro_batches, _ = train.micro_batches_of_step(run, batch, train_args.batch_size)
+                train.train_step(run, micro_batches, train_args.max_grad_norm)
         wall = time.perf_counter() - started
     events = profiler.key_averages()
-    total = {e.key: e.cpu_time_total / 1e6 for e in events}
+    total = {e.key: e.cpu_time_total / 1e6 / wall for e in events}
     by_self = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
-    steps = len(batches)
-    # Each autograd node's evaluation is a top-level event of the backward pass: their totals add up to it.
-    backward = sum(e.cpu_time_total for e in events if e.key.startswith("autograd::engine::evaluate_function")) / 1e6
-    return Profile(
-        seconds_per_step=wall / steps,
-        top=[(e.key, e.self_cpu_time_total / 1e6 / steps, is_matmul(e.key)) for e in by_self[:TOP_OPS]],
-        matmul=sum(e.self_cpu_time_total for e in events if is_matmul(e.key)) / 1e6 / wall,
-        optimizer=total.get(OPTIMIZER_STEP, 0.0) / wall,
-        collate=total.get(COLLATE_LABEL, 0.0) / wall,
-        backward=backward / wall,
-        dropout=sum(total.get(name, 0.0) for name in DROPOUT_EVENTS) / wall,
-    )
-
-
-def one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
-
-
-def measure(run, train_args, workload: Workload, train_batches, evaluation_batches, args) -> dict:
-    """Calls of each phase (training steps, evaluation passes) for the current state of the model; a
-    failure (a compile error) becomes its one-line message instead."""
-    passes = args.warmup + args.steps
-    results = {}
-    for phase, timer in (("train step", lambda: time_train_steps(run, train_args, train_batches, args.warmup)),
-                         ("eval pass", lambda: time_eval_passes(run, workload.eval_forward, evaluation_batches,
-                                                                passes, args.warmup))):
-        run.optimizer.zero_grad(set_to_none=True)  # a step a compile error interrupted may have left gradients
-        try:
-            results[phase] = timer()
-        except Exception as error:  # any compile failure: one line in the table, not a traceback
-            results[phase] = one_line(error)
-    return results
-
-
-def run_workload(name: str, workload: Workload, precision: str, args, directory: Path) -> tuple[dict, Profile, dict]:
-    """(what was run, the eager profile, {mode: {phase: Calls or error}})."""
-    argv = [*workload.flags, "--device", "cpu", "--precision", precision, "--output-dir", str(directory / name),
-            "--cache-dir", str(directory / "token-cache")]
-    train_args = train.parse_args(argv)
-    run = train.setup(train_args, torch.device("cpu"))
-    count = args.warmup + args.steps
-    train_batches = step_batches(run, count)
-    evaluation_batches = eval_batches(run, train_args.eval_batch_size)
-    modes = {"eager": measure(run, train_args, workload, train_batches, evaluation_batches, args)}
-    print(f"{name}, {precision}: eager measured, profiling", file=sys.stderr)
-    step_profile = profile_steps(run, train_args, train_batches[args.warmup:])
-    if not args.no_compile:
-        for mode, options in COMPILE_MODES.items():
-            torch._dynamo.reset()
-            print(f"{name}, {precision}: {mode}", file=sys.stderr)
-            run.model.compile(**options)
-            modes[mode] = measure(run, train_args, workload, train_batches, evaluation_batches, args)
-    lengths = run.task.train_set.lengths
-    pieces = [len(step_plan(b, lengths, 1, train_args.batch_size)[0]) for b in train_batches[args.warmup:]]
-    info = {
-        "train": f"{len(run.task.train_set)} training sequences; timed steps of "
-                 + ", ".join(f"{len(b)} x {int(lengths[b].mean())} tokens in {p} micro-batch(es)"
-                             for b, p in zip(train_batches[args.warmup:], pieces)),
-        "eval": f"an evaluation pass is {len(evaluation_batches)} batches of up to {train_args.eval_batch_size}, "
-                "longest first: " + ", ".join(f"{len(b)} x {int(run.task.eval_set.lengths[b].max())} tokens"
-                                              for b in evaluation_batches),
-        "parameters": matmul_parameters(run.model),
-        "attention": run.model.config._attn_implementation,
+    return {
+        "step": wall / len(batches),
+        "top": [(e.key, e.self_cpu_time_total / 1e6 / len(batches), is_matmul(e.key)) for e in by_self[:12]],
+        "matmul": sum(e.self_cpu_time_total for e in events if is_matmul(e.key)) / 1e6 / wall,
+        "optimizer": total.get(OPTIMIZER_STEP, 0.0), "collate": total.get(COLLATE_LABEL, 0.0),
+        # each autograd node's evaluation is a top-level event of the backward pass: they add up to it
+        "backward": sum(v for k, v in total.items() if k.startswith("autograd::engine::evaluate_function")),
+        "dropout": sum(total.get(name, 0.0) for name in DROPOUT_EVENTS),
     }
-    del run
-    gc.collect()
-    torch._dynamo.reset()
-    return info, step_profile, modes
 
 
-def profile_lines(p: Profile) -> list[str]:
-    step = p.seconds_per_step
-    other = 1 - p.matmul - p.optimizer - p.collate
+def measure_step(name: str, precision: str, args, directory: Path) -> dict:
+    """Median train step and evaluation pass, their model FLOP/s, and the profile."""
+    train_args = train.parse_args([*STEP_WORKLOADS[name][1], "--device", "cpu", "--precision", precision,
+                                   "--output-dir", str(directory / name), "--cache-dir", str(directory / "token-cache")])
+    run = train.setup(train_args, torch.device("cpu"))
+    lengths, eval_set = run.task.train_set.lengths, run.task.eval_set
+    batches, epoch = [], 0
+    while len(batches) < args.warmup + args.steps:  # train.py's global batches, epoch after epoch
+        batches += run.batches.for_epoch(epoch)
+        epoch += 1
+    batches = batches[: args.warmup + args.steps]
+    step_seconds = []
+    for batch in batches:  # collation, which train.py does ahead in a thread, is not timed
+        micro_batches, _ = train.micro_batches_of_step(run, batch, train_args.batch_size)
+        started = time.perf_counter()
+        train.train_step(run, micro_batches, train_args.max_grad_norm)
+        step_seconds.append(time.perf_counter() - started)
+    timed = batches[args.warmup:]
+    step = statistics.median(step_seconds[args.warmup:])
+    step_flops = sum(sequence_flops(run.model, lengths[b]) for b in timed) / sum(step_seconds[args.warmup:])
+
+    eval_batches = longest_first_batches(eval_set.lengths, train_args.eval_batch_size)
+    inputs = [run.task.collate([eval_set[i] for i in batch]) for batch in eval_batches]
+    run.model.eval()
+
+    def eval_pass():
+        with autocast_for_pass(run.model, run.device, run.precision):  # as the evaluation runs it
+            for batch in inputs:
+                eval_forward(name, run, batch)
+
+    eval_pass_seconds = seconds_per_call(eval_pass, args.steps, args.warmup)
+    print(f"{name}, {precision}: timed, profiling", file=sys.stderr)
+    return {"step": step, "step_flops": step_flops, "eval": eval_pass_seconds,
+            "profile": profile_steps(run, train_args, timed), "attention": run.model.config._attn_implementation,
+            "data": f"{len(lengths)} training sequences; timed steps of "
+                    + ", ".join(f"{len(b)} x {int(lengths[b].mean())} tokens" for b in timed)
+                    + f"; an evaluation pass is {len(eval_batches)} batch(es) of up to {train_args.eval_batch_size}"}
+
+
+def profile_lines(p: dict) -> list[str]:
+    step = p["step"]
 
     def part(share: float) -> str:
         return f"{share * step:.3f} s ({share:.1%})"
 
+    other = 1 - p["matmul"] - p["optimizer"] - p["collate"]
     return [
         f"Eager step under the profiler: {step:.2f} s per step, collation included. Matrix multiplies and attention "
-        f"kernels {part(p.matmul)}; `optimizer.step` {part(p.optimizer)}; collation {part(p.collate)}; everything "
-        f"else (elementwise ops, norms, softmax and loss, copies, autograd and Python) {part(other)}. The backward "
-        f"pass (autograd nodes) takes {part(p.backward)}; drawing dropout masks {part(p.dropout)}.",
-        "",
-        "| op | self CPU s per step | share of step | matmul/attention |",
-        "|---|---|---|---|",
-        *(f"| `{op}` | {seconds:.3f} | {seconds / step:.1%} | {'yes' if matmul else ''} |" for op, seconds, matmul in p.top),
-        "",
-        f"`{STEP_LABEL}` and `{COLLATE_LABEL}` are this script's labels: their self time is Python between ops.",
+        f"kernels {part(p['matmul'])}; `optimizer.step` {part(p['optimizer'])}; collation {part(p['collate'])}; "
+        f"everything else (elementwise ops, norms, softmax and loss, copies, autograd and Python) {part(other)}. The "
+        f"backward pass (autograd nodes) takes {part(p['backward'])}; drawing dropout masks {part(p['dropout'])}.", "",
+        *table(["op", "self CPU s per step", "share of step", "matmul/attention"],
+               [[f"`{op}`", f"{seconds:.3f}", f"{seconds / step:.1%}", "yes" if matmul else ""]
+                for op, seconds, matmul in p["top"]]),
+        "", f"`{STEP_LABEL}` and `{COLLATE_LABEL}` are this script's labels: their self time is Python between ops.",
     ]
 
 
-def compile_lines(modes: dict, peak: float, precision: str) -> list[str]:
-    lines = [f"| mode | phase | median s per call | tokens/s | speed vs eager | model GFLOP/s | share of {precision} matmul peak "
-             "| compile s | graphs compiled | calls that compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, phases in modes.items():
-        for phase, calls in phases.items():
-            eager = modes["eager"][phase]
-            if isinstance(calls, str):
-                lines.append(f"| {mode} | {phase} | failed: {calls.replace('|', '/')} |" + " - |" * 7)
-                continue
-            if not calls.steady():
-                lines.append(f"| {mode} | {phase} | every call compiled a graph |" + " - |" * 5
-                             + f" {sum(calls.new_graphs)} | {len(calls.seconds)} |")
-                continue
-            speed = f"{eager.median() / calls.median():.2f}x" if isinstance(eager, Calls) and eager.steady() else "-"
-            flops = calls.rate(calls.flops)
-            compiled = sum(1 for graphs in calls.new_graphs if graphs)
-            lines.append(f"| {mode} | {phase} | {calls.median():.3f} | {calls.rate(calls.tokens):.0f} | {speed} | "
-                         f"{flops / 1e9:.1f} | {flops / peak:.1%} | "
-                         f"{f'{calls.compile_seconds():.1f}' if compiled else '-'} | {sum(calls.new_graphs)} | "
-                         f"{compiled} of {len(calls.seconds)} |")
+def step_report(args) -> list[str]:
+    transformers.logging.set_verbosity_error()  # as train.py: a fresh span head is expected here
+    peaks = {precision: matmul_peak_flops(DTYPES[precision]) for precision in args.precisions.split(",")}
+    lines = [
+        f"# Where a training step's time goes, per precision ({time.strftime('%Y-%m-%d')})", "",
+        machine_line() + " Measured matmul peak (square torch.mm, 2048): "
+        + ", ".join(f"{precision} {peak / 1e9:.1f} GFLOP/s" for precision, peak in peaks.items()) + ".", "",
+        f"Eager, on the CPU, train.py's default settings otherwise. {args.warmup} warm-up calls, then {args.steps} "
+        "timed calls (their median). Training steps are train.py's `train_step` (forward, backward, clipping, AdamW, "
+        "schedule; not collation). Model FLOPs: 6 x linear-layer parameters x tokens + 12 x layers x hidden x "
+        "sequence length x tokens per training step (real tokens), against the peak of the row's precision.",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.workloads.split(","):
+            measured = {precision: measure_step(name, precision, args, Path(tmp)) for precision in peaks}
+            fp32 = measured.get("fp32")
+            rows = [[precision, m["attention"], f"{m['step']:.3f}", f"{fp32['step'] / m['step']:.2f}x" if fp32 else "-",
+                     f"{m['step_flops'] / peaks[precision]:.1%}", f"{m['eval']:.3f}",
+                     f"{fp32['eval'] / m['eval']:.2f}x" if fp32 else "-", f"{m['profile']['dropout']:.1%}"]
+                    for precision, m in measured.items()]
+            lines += ["", f"## {name}: {STEP_WORKLOADS[name][0]}", "", next(iter(measured.values()))["data"] + ".", "",
+                      *table(["precision", "attention", "train step s", "speed vs fp32", "share of its matmul peak",
+                              "eval pass s", "speed vs fp32", "dropout masks, share of step"],
+                             rows)]
+            for precision, m in measured.items():
+                lines += ["", f"### {name}, {precision}", "", *profile_lines(m["profile"])]
     return lines
 
 
-def cxx_compiler() -> str:
-    """The C++ compiler torch.compile's CPU backend builds its kernels with, as `g++ --version` names it."""
-    try:
-        return subprocess.run(["g++", "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    except (OSError, subprocess.CalledProcessError):
-        return "none found"
+# --- overhead ------------------------------------------------------------------------------------
+
+BATCH, LENGTH, LEARNING_RATE, SEED, READ_ACCUMULATION = 16, 384, 3e-4, 42, 2
+QUESTION, ANSWER = "When did the bridge over the river open?", "1927"
+TEXT = "The bridge over the river opened in 1927. " + "The valley road climbs past old stone walls and quiet farms. " * 60
+# Frames of the dispatch machinery between the line that reads and the counter: not where a read is.
+MACHINERY = (__file__, "torch/_compile.py", "torch/_dynamo/", "torch/utils/_python_dispatch.py")
 
 
-def summary_lines(results: dict, peaks: dict) -> list[str]:
-    """The precisions side by side: {precision: (profile, modes)} of one workload, eager."""
-    lines = ["| precision | attention | train step s | speed vs fp32 | share of its matmul peak | eval pass s "
-             "| speed vs fp32 | dropout masks, share of step |",
-             "|---|---|---|---|---|---|---|---|"]
-    fp32 = results.get("fp32")
+def write_squad(path: Path, tokenizer, count: int) -> None:
+    """`count` questions, each with its own context, cut to fill exactly one window of LENGTH tokens."""
+    budget = (LENGTH - tokenizer.num_special_tokens_to_add(pair=True)
+              - len(tokenizer(QUESTION, add_special_tokens=False)["input_ids"]))
+    paragraphs = []
+    for i in range(count):
+        text = f"Record {i}. {TEXT}"
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        context = text[:offsets[budget - 1][1]]  # cut at a token's end: the kept tokens stay the same
+        answers = [{"text": ANSWER, "answer_start": len(f"Record {i}. ") + TEXT.index(ANSWER)}]
+        paragraphs.append({"context": context, "qas": [{"id": f"q{i}", "question": QUESTION, "answers": answers}]})
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "Generated", "paragraphs": paragraphs}]}))
 
-    def speed(phase: str, calls: Calls) -> str:
-        return f"{fp32[2]['eager'][phase].median() / calls.median():.2f}x" if fp32 else "-"
 
-    for precision, (info, step_profile, modes) in results.items():
-        step, evaluation = modes["eager"]["train step"], modes["eager"]["eval pass"]
-        lines.append(f"| {precision} | {info['attention']} | {step.median():.3f} | {speed('train step', step)} | "
-                     f"{step.rate(step.flops) / peaks[precision]:.1%} | {evaluation.median():.3f} | "
-                     f"{speed('eval pass', evaluation)} | {step_profile.dropout:.1%} |")
-    return lines
+class HostReads(TorchDispatchMode):
+    """Host reads made by this thread while `counting()` and not `paused`, by place: the innermost
+    frame outside the dispatch machinery, and its caller. A tensor that `.cpu()` returned is host
+    data: reading it is not counted again (on the CPU that is the tensor itself)."""
+
+    METHODS = ("tolist", "numpy", "cpu")  # on a CPU tensor these dispatch no op: wrapped instead
+
+    def __init__(self):
+        super().__init__()
+        self.places, self.paused, self.thread = Counter(), False, threading.get_ident()
+        self.host = weakref.WeakValueDictionary()  # id -> tensor, of the tensors on the host
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.record(args[0])
+        return func(*args, **(kwargs or {}))
+
+    def record(self, tensor) -> None:
+        if self.paused or threading.get_ident() != self.thread or self.host.get(id(tensor)) is tensor:
+            return
+        frames = [f for f in traceback.StackSummary.extract(traceback.walk_stack(None), lookup_lines=False)
+                  if not any(part in f.filename for part in MACHINERY)]
+        self.places[" ← ".join(f"`{os.path.relpath(f.filename, ROOT).split('site-packages/')[-1]}:{f.lineno}` {f.name}"
+                               for f in frames[:2])] += 1
+
+    def reading(self, method):
+        def read(tensor, *args, **kwargs):
+            self.record(tensor)
+            result = method(tensor, *args, **kwargs)
+            if isinstance(result, torch.Tensor):
+                self.host[id(result)] = result
+            return result
+        return read
+
+    @contextlib.contextmanager
+    def counting(self):
+        with contextlib.ExitStack() as stack:
+            for name in self.METHODS:
+                stack.enter_context(mock.patch.object(torch.Tensor, name, self.reading(getattr(torch.Tensor, name))))
+            with self:
+                yield
+
+
+def within(context, function):
+    """`function`, each call made inside a fresh `context()`."""
+    def call(*args, **kwargs):
+        with context():
+            return function(*args, **kwargs)
+    return call
+
+
+def run_ours(model_dir: Path, data: Path, output: Path, steps: int, accumulation: int, around) -> None:
+    """A whole train.py run, each `train.train_step` call inside `around()`."""
+    with mock.patch.object(train, "train_step", within(around, train.train_step)):
+        train.main(["--task", "qa", "--model", str(model_dir), "--train-file", str(data), "--validation-file",
+                    str(data), "--max-eval-samples", "4", "--max-steps", str(steps), "--grad-accum-steps",
+                    str(accumulation), "--batch-size", str(BATCH), "--learning-rate", str(LEARNING_RATE),
+                    "--save-steps", "1000000", "--log-steps", "10", "--no-eval-before-training", "--precision", "fp32",
+                    "--device", "cpu", "--attention-dropout", "0", "--seed", str(SEED), "--output-dir", str(output)])
+
+
+def run_trainer(model_dir, features, tokenizer, output: Path, steps: int, accumulation: int, logging_steps: int,
+                on_step_begin, collator_context=contextlib.nullcontext) -> None:
+    """`Trainer.train()`, calling `on_step_begin(state)`; its data collator runs inside `collator_context()`."""
+    class StepBegin(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            on_step_begin(state)
+
+    args = transformers.TrainingArguments(
+        output_dir=str(output), per_device_train_batch_size=BATCH, gradient_accumulation_steps=accumulation,
+        learning_rate=LEARNING_RATE, max_steps=steps, warmup_steps=0.1, weight_decay=0.01, max_grad_norm=1.0,
+        use_cpu=True, report_to=[], save_strategy="no", eval_strategy="no", logging_steps=logging_steps,
+        disable_tqdm=True, seed=SEED)
+    collator = within(collator_context, transformers.DataCollatorWithPadding(tokenizer))
+    transformers.Trainer(model=load_model(str(model_dir), "span", 0.0), args=args, callbacks=[StepBegin()],
+                         train_dataset=WithoutFeatureIndex(features), data_collator=collator).train()
+
+
+def trainer_reads(model_dir, features, tokenizer, output: Path, steps: int, logging_steps: int) -> Counter:
+    """Counted from the first step's start (before it: the sampler's and DataLoader's seed draws, host
+    tensors) to the end of `train()`, less the data collator."""
+    reads = HostReads()
+    with contextlib.ExitStack() as counting:
+        def count_from_first_step(state):
+            if state.global_step == 0:
+                counting.enter_context(reads.counting())
+
+        run_trainer(model_dir, features, tokenizer, output, steps, READ_ACCUMULATION, logging_steps,
+                    count_from_first_step, lambda: mock.patch.object(reads, "paused", True))
+    return reads.places
+
+
+class ComputeTimer:
+    """Seconds spent in the model's compute, per optimizer step: the model's forward, every
+    `Tensor.backward`, `clip_grad_norm_` and `Optimizer.step`, in both loops alike (nested calls,
+    a forward inside a backward's recomputation, count once)."""
+
+    def __init__(self):
+        self.starts, self.compute, self.depth, self.entered = [], [], 0, 0.0
+
+    def step_started(self, *_):
+        self.starts.append(time.perf_counter())
+        self.compute.append(0.0)
+
+    def timed(self, function):
+        @functools.wraps(function)  # the Trainer keeps the columns that the forward's signature names
+        def call(*args, **kwargs):
+            if self.depth == 0:
+                self.entered = time.perf_counter()
+            self.depth += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                if self.depth == 0 and self.compute:
+                    self.compute[-1] += time.perf_counter() - self.entered
+        return call
+
+    @contextlib.contextmanager
+    def timing(self):
+        targets = ((transformers.BertForQuestionAnswering, "forward"), (torch.Tensor, "backward"),
+                   (torch.nn.utils, "clip_grad_norm_"), (torch.optim.AdamW, "step"))
+        with contextlib.ExitStack() as stack:
+            for owner, name in targets:
+                stack.enter_context(mock.patch.object(owner, name, self.timed(getattr(owner, name))))
+            yield
+
+    def medians(self, warmup: int) -> tuple[float, float]:
+        """Median step seconds and median overhead seconds (step less its compute), after `warmup`."""
+        steps = [b - a for a, b in zip(self.starts, self.starts[1:])][warmup:]
+        return statistics.median(steps), statistics.median(s - c for s, c in zip(steps, self.compute[warmup:]))
+
+
+def overhead_report(args) -> list[str]:
+    transformers.logging.set_verbosity_error()  # as train.py: the log would only note the fresh head
+    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
+    run_steps = args.warmup + args.steps + 1  # +1: the last timed step's end is the next one's start
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        model_dir, data = directory / "model", directory / "train.json"
+        torch.manual_seed(SEED)
+        config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=128, max_position_embeddings=512)
+        transformers.BertForQuestionAnswering(config).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        # Enough windows that no run reaches an epoch's end (train.py evaluates and saves there).
+        write_squad(data, tokenizer, BATCH * READ_ACCUMULATION * (max(run_steps, args.read_steps) + 1))
+        features = SquadFeatures(SquadExamples.load(str(data)).examples, tokenizer)
+
+        assert set(features.lengths) == {LENGTH}, f"windows of {sorted(set(features.lengths))} tokens"
+
+        ours_reads = HostReads()
+        run_ours(model_dir, data, directory / "ours-reads", args.read_steps, READ_ACCUMULATION, ours_reads.counting)
+        reads = {"train.py": ours_reads.places}
+        for name, logging_steps in (("Trainer", args.read_steps + 1), ("Trainer, logging every step", 1)):
+            reads[name] = trainer_reads(model_dir, features, tokenizer, directory / f"trainer-reads-{logging_steps}",
+                                        args.read_steps, logging_steps)
+        ours, trainer = ComputeTimer(), ComputeTimer()
+        with ours.timing():
+            run_ours(model_dir, data, directory / "ours-timed", run_steps, 1,
+                     lambda: contextlib.nullcontext(ours.step_started()))
+        with trainer.timing():
+            run_trainer(model_dir, features, tokenizer, directory / "trainer-timed", run_steps, 1, run_steps + 1,
+                        trainer.step_started)
+    timed = {"train.py": ours.medians(args.warmup), "Trainer": trainer.medians(args.warmup)}
+    rows = [[name, f"{round(sum(places.values()) / args.read_steps, 2):g}",
+             *([f"{timed[name][0]:.4f}", f"{1000 * timed[name][1]:.1f}", f"{timed[name][1] / timed['Trainer'][1]:.2f}"]
+               if name in timed else ["-", "-", "-"])] for name, places in reads.items()]
+    return [
+        f"# Per-step overhead and host reads: train.py vs transformers.Trainer ({time.strftime('%Y-%m-%d')})", "",
+        machine_line(), "",
+        f"2-layer BERT of width 64 with an untrained span head, fp32 on the CPU, batches of {BATCH} windows of "
+        f"{LENGTH} tokens. Timed: 1 micro-batch per optimizer step, {args.steps} steps after {args.warmup} of warm-up. "
+        "Overhead: each step's time (between step starts) less the time it spent in the model's forward, backward, "
+        "clip_grad_norm_ and the optimizer step, timed alike in both loops; medians. Host reads: "
+        f"{READ_ACCUMULATION} micro-batches per step, {args.read_steps} steps.", "",
+        *table(["loop", f"host reads per optimizer step (accumulation {READ_ACCUMULATION})", "median step s",
+                "median overhead ms per step", "overhead vs Trainer"], rows),
+        "", "Where the reads are made (innermost frame ← its caller: reads per optimizer step; a read once per run "
+            f"counts {round(1 / args.read_steps, 2):g}):", "",
+        *(f"- {name}: " + ("; ".join(f"{place}: {round(n / args.read_steps, 2):g}" for place, n in places.most_common(5))
+                          or "none") for name, places in reads.items()),
+    ]
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+class AttentionLayer(torch.nn.Module):
+    """What the attention functions read from the attention module that calls them."""
+
+    def __init__(self, causal: bool, groups: int):
+        super().__init__()
+        self.is_causal, self.num_key_value_groups = causal, groups
+
+
+def attention_seconds(shape, choice: str, precision: str, repeats: int) -> tuple[float, float]:
+    """(forward seconds, forward + backward seconds) of one layer's attention. Queries, keys and
+    values come as the model hands them over: in bf16 under autocast (out of bf16 linear layers),
+    with a mask built as transformers builds it for the kernel."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, kv_heads, tokens, size, causal, eager = shape
+    dtype = DTYPES[precision]
+    q = torch.randn(batch, heads, tokens, size, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(batch, kv_heads, tokens, size, dtype=dtype, requires_grad=True) for _ in range(2))
+    mask = None
+    if not causal:
+        mask = torch.ones(batch, 1, tokens, tokens, dtype=torch.bool)
+        mask[:4, ..., tokens * 3 // 4:] = False  # 4 padded windows
+        if choice == EAGER:
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    function = {SDPA: sdpa_attention_forward, SDPA_FP32: sdpa_in_fp32, EAGER: eager}[choice]
+    layer = AttentionLayer(causal, heads // kv_heads)
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return function(layer, q, k, v, mask, scaling=size**-0.5, dropout=0.0)[0]
+
+    def training():
+        forward().float().sum().backward()
+
+    with torch.no_grad():
+        forward_seconds = seconds_per_call(forward, repeats)
+    return forward_seconds, seconds_per_call(training, repeats)
+
+
+def attention_report(args) -> list[str]:
+    from transformers.models.bert.modeling_bert import eager_attention_forward as bert_eager
+    from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+
+    shapes = {  # name: (batch, query heads, key/value heads, tokens, head size, causal, the model's eager function)
+        "MiniLM-L6, 16 x 384": (16, 12, 12, 384, 32, False, bert_eager),
+        "SmolLM2-135M, 8 x 256": (8, 9, 3, 256, 64, True, llama_eager),
+    }
+    rows = []
+    for name, shape in shapes.items():
+        for precision in DTYPES:
+            picked = choose_attention("auto", torch.device("cpu"), precision, decoder_only=shape[5])[0]
+            times = {choice: attention_seconds(shape, choice, precision, args.repeats)
+                     for choice in (SDPA, SDPA_FP32, EAGER)}
+            rows += [[name, precision, f"`{choice}`", f"{forward * 1e3:.1f}", f"{times[SDPA][0] / forward:.2f}x",
+                      f"{training * 1e3:.1f}", f"{times[SDPA][1] / training:.2f}x", "yes" if choice == picked else ""]
+                     for choice, (forward, training) in times.items()]
+    return [f"# Attention kernels per precision ({time.strftime('%Y-%m-%d')})", "",
+            f"{machine_line()} One layer's attention, median of {args.repeats} calls after a warm-up; ms. Ratios are "
+            "against `sdpa` in the same precision.", "",
+            *table(["shape", "precision", "kernel", "forward ms", "vs sdpa", "forward + backward ms", "vs sdpa",
+                    "auto picks"], rows)]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3, help="timed (and profiled) calls per phase, after the warm-up")
-    p.add_argument("--warmup", type=int, default=2, help="calls before timing; with torch.compile they compile")
-    p.add_argument("--workloads", default="qa,clm", help="comma-separated subset of qa, clm")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated subset of fp32, bf16 (autocast)")
-    p.add_argument("--clm-batch", type=int, default=8, help="blocks per clm step")
-    p.add_argument("--clm-block", type=int, default=256, help="tokens per clm block")
-    p.add_argument("--no-compile", action="store_true", help="eager only: no torch.compile rows")
-    p.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "profile_step.md")
+    profiles = p.add_subparsers(dest="profile", required=True)
+    step = profiles.add_parser("step", help="train.py's step and evaluation pass, per precision, profiled")
+    step.add_argument("--workloads", default="qa,clm", help="comma-separated subset of qa, clm")
+    step.add_argument("--precisions", default="fp32,bf16", help="comma-separated subset of fp32, bf16 (autocast)")
+    step.add_argument("--steps", type=int, default=3, help="timed (and profiled) calls, after the warm-up")
+    step.add_argument("--warmup", type=int, default=2)
+    step.add_argument("--report", type=Path, default=RESULTS / "profile_step.md")
+    overhead = profiles.add_parser("overhead", help="the loop's overhead and host reads per step, against the Trainer")
+    overhead.add_argument("--steps", type=int, default=60, help="timed optimizer steps, after the warm-up")
+    overhead.add_argument("--warmup", type=int, default=5)
+    overhead.add_argument("--read-steps", type=int, default=10, help="optimizer steps of the runs that count host reads")
+    overhead.add_argument("--report", type=Path, default=RESULTS / "step_overhead.md")
+    attention = profiles.add_parser("attention", help="each attention kernel alone, per precision")
+    attention.add_argument("--repeats", type=int, default=7)
+    attention.add_argument("--report", type=Path, default=RESULTS / "attention.md")
     args = p.parse_args()
-    all_workloads = workloads(args)
-    names, precisions = args.workloads.split(","), args.precisions.split(",")
-    unknown = set(names) - set(all_workloads) | set(precisions) - set(PEAK_DTYPES)
-    if unknown:
-        sys.exit(f"error: unknown workloads or precisions {sorted(unknown)} (choose from {', '.join(all_workloads)}; "
-                 f"{', '.join(PEAK_DTYPES)})")
-    if args.steps < 1 or args.warmup < 1:
-        sys.exit("error: --steps and --warmup must be at least 1")
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # as train.py: a fresh span head is expected here
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-
-    peaks = {precision: matmul_peak_flops(PEAK_DTYPES[precision]) for precision in precisions}
-    lines = [
-        f"# Where a training step's time goes, per precision, and torch.compile ({time.strftime('%Y-%m-%d')})",
-        "",
-        f"Machine: {cpu_description()}; {torch.get_num_threads()} torch threads; C++ compiler: {cxx_compiler()}. "
-        "Measured matmul peak (square torch.mm, 2048): "
-        + ", ".join(f"{precision} {peak / 1e9:.1f} GFLOP/s" for precision, peak in peaks.items()) + ".",
-        "",
-        f"On the CPU, train.py's default settings otherwise (its attention and dropout choices included). Per phase: "
-        f"{args.warmup} warm-up calls, then {args.steps} timed calls; medians are over the timed calls that compiled "
-        "nothing. Training steps are train.py's `train_step` (forward, backward, clipping, AdamW, schedule; not "
-        "collation). Model FLOPs: 6 x linear-layer parameters x tokens + 12 x layers x hidden x sequence length x "
-        "tokens per training step (real tokens, padding excluded), a third of that per token of an evaluation pass, "
-        "read against the peak of the row's precision. Compile s: time of the calls that compiled a graph, less the "
-        "median.",
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            workload, results = all_workloads[name], {}
-            for precision in precisions:
-                results[precision] = run_workload(name, workload, precision, args, Path(tmp))
-            info = results[precisions[0]][0]
-            lines += ["", f"## {name}: {workload.title}", "",
-                      f"{info['train']}; {info['eval']}. {info['parameters'] / 1e6:.1f}M parameters in linear layers.",
-                      "", *summary_lines(results, peaks)]
-            for precision, (_, step_profile, modes) in results.items():
-                lines += ["", f"### {name}, {precision}", "", *profile_lines(step_profile), "",
-                          *compile_lines(modes, peaks[precision], precision)]
+    if args.profile == "step" and not (set(args.workloads.split(",")) <= set(STEP_WORKLOADS)
+                                       and set(args.precisions.split(",")) <= set(DTYPES)):
+        sys.exit(f"error: workloads are {', '.join(STEP_WORKLOADS)}; precisions {', '.join(DTYPES)}")
+    lines = {"step": step_report, "overhead": overhead_report, "attention": attention_report}[args.profile](args)
     write_report(args.report, lines)
 
 
