@@ -195,7 +195,7 @@ EOF
 
 # 1. The CUDA-only tests.
 cuda_tests() {
-    CUDA_CHECK_FACTS="$OUT/test_cuda_facts.jsonl" py -m pytest -q -p no:cacheprovider -rfEs \
+    CUDA_CHECK_FACTS="$OUT/test_cuda_facts.jsonl" py -m pytest -q -o addopts="" -p no:cacheprovider -rfEs \
         --junitxml "$OUT/test_cuda.xml" tests/test_cuda.py
     local rc=$?
     "$PY" - "$OUT" <<'EOF' | tee -a "$SUMMARY"

@@ -5,7 +5,7 @@
     python bench/profile_step.py attention [--repeats 7]
 
 `step`: train.py's own step and evaluation pass, per precision (fp32, bf16 autocast), on its global
-batches in its order; each workload built by train.py's `parse_args` and `setup` (its defaults, its
+batches in its order; each workload built by train.py's `parse_settings` and `setup` (its defaults, its
 attention and dropout choices included) and stepped by its `micro_batches_of_step` and `train_step`:
 qa, MiniLM-L6 (`minilm-l6`) on 16 windows of the shipped SQuAD sample; clm, SmolLM2-135M
 (`smollm2-135m`) on 8 blocks of 256 tokens of the shipped text. `--warmup` steps, then `--steps`
@@ -59,10 +59,10 @@ import train  # noqa: E402
 from bench.harness import (ROOT, machine_line, matmul_peak_flops, seconds_per_call, table,  # noqa: E402
                            training_flops_per_token, write_report)
 from bench.trainer_baseline import WithoutFeatureIndex  # noqa: E402
-from data.batching import longest_first_batches  # noqa: E402
 from data.qa_features import SquadFeatures  # noqa: E402
 from data.squad import SquadExamples  # noqa: E402
 from engine.device import autocast_for_pass  # noqa: E402
+from engine.inference import longest_first_batches  # noqa: E402
 from models.attention import EAGER, SDPA, SDPA_FP32, choose_attention, sdpa_in_fp32  # noqa: E402
 from models.backbones import load_model, load_tokenizer, resolve_model  # noqa: E402
 
@@ -114,7 +114,7 @@ def profile_steps(run, train_args, batches: list[list[int]]) -> dict:
         for batch in batches:
             with record_function(STEP_LABEL):
                 with record_function(COLLATE_LABEL):
-                    micro_batches, _ = train.micro_batches_of_step(run, batch, train_args.batch_size)
+                    micro_batches, _ = train.micro_batches_of_step(run, batch)
                 train.train_step(run, micro_batches, train_args.max_grad_norm)
         wall = time.perf_counter() - started
     events = profiler.key_averages()
@@ -133,8 +133,8 @@ def profile_steps(run, train_args, batches: list[list[int]]) -> dict:
 
 def measure_step(name: str, precision: str, args, directory: Path) -> dict:
     """Median train step and evaluation pass, their model FLOP/s, and the profile."""
-    train_args = train.parse_args([*STEP_WORKLOADS[name][1], "--device", "cpu", "--precision", precision,
-                                   "--output-dir", str(directory / name), "--cache-dir", str(directory / "token-cache")])
+    train_args = train.parse_settings([*STEP_WORKLOADS[name][1], "--device", "cpu", "--precision", precision,
+                                       "--output-dir", str(directory / name), "--cache-dir", str(directory / "token-cache")])
     run = train.setup(train_args, torch.device("cpu"))
     lengths, eval_set = run.task.train_set.lengths, run.task.eval_set
     batches, epoch = [], 0
@@ -144,7 +144,7 @@ def measure_step(name: str, precision: str, args, directory: Path) -> dict:
     batches = batches[: args.warmup + args.steps]
     step_seconds = []
     for batch in batches:  # collation, which train.py does ahead in a thread, is not timed
-        micro_batches, _ = train.micro_batches_of_step(run, batch, train_args.batch_size)
+        micro_batches, _ = train.micro_batches_of_step(run, batch)
         started = time.perf_counter()
         train.train_step(run, micro_batches, train_args.max_grad_norm)
         step_seconds.append(time.perf_counter() - started)

@@ -55,9 +55,13 @@ def dequantized_gguf(path: Path) -> str:
     Dequantizing a GGUF file and converting its tokenizer takes about 20 s for SmolLM2-135M, at every
     start; the plain copy loads in a second. It is written once, under $FINETUNE_GGUF_CACHE (default
     ~/.cache/finetune/gguf), in a directory keyed by the file's size and SHA-256, so an edited or
-    replaced file gets a new copy. Written to a temporary directory, fsync'ed and renamed into place,
-    so that a run killed while writing, two processes writing at once, or a power cut leave no half copy.
+    replaced file gets a new copy. Processes that want it at once (torchrun's, on a first run) take
+    turns on a lock: the first writes it, the others find it written. Written to a temporary
+    directory, fsync'ed and renamed into place, so that a run killed while writing, or a power cut,
+    leaves no half copy.
     """
+    import fcntl
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -65,6 +69,20 @@ def dequantized_gguf(path: Path) -> str:
     target = gguf_cache() / f"{path.stem}-{path.stat().st_size}-{digest.hexdigest()[:16]}"
     if (target / "config.json").is_file():
         return str(target)
+    unwritable = f"set {GGUF_CACHE_VARIABLE} to a writable directory"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.with_name(f"{target.name}.lock"), "a")
+    except OSError as error:
+        raise UserError(f"cannot write the dequantized copy of {path} to {target} ({error}); {unwritable}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():  # no other process wrote it while this one waited
+            _write_dequantized(path, target, unwritable)
+    return str(target)
+
+
+def _write_dequantized(path: Path, target: Path, unwritable: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"{path}: reading GGUF files needs the gguf package: pip install gguf")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -86,10 +104,7 @@ def dequantized_gguf(path: Path) -> str:
         publish(temporary, target)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        if not (target / "config.json").is_file():  # not another process's copy landing first
-            raise UserError(f"cannot write the dequantized copy of {path} to {target} ({error}); set "
-                            f"{GGUF_CACHE_VARIABLE} to a writable directory") from None
-    return str(target)
+        raise UserError(f"cannot write the dequantized copy of {path} to {target} ({error}); {unwritable}") from None
 
 
 def load_config(path: str):

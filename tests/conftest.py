@@ -41,6 +41,15 @@ def pytest_configure(config):
         os.environ[GGUF_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="gguf-cache-")
         config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(GGUF_CACHE_VARIABLE), ignore_errors=True))
 
+# The files that take longest, run first, so that the two workers of pytest.ini finish together.
+LONGEST_FIRST = ("test_resume.py", "test_distributed.py", "test_training.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the others keep their order
+
+
 SAMPLES = ROOT / "data" / "samples"
 TRAIN_SAMPLE = SAMPLES / "squad_train.json"
 # A short generative run on the tiny models, and predict.py pinned to the same device and precision.

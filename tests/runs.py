@@ -1,7 +1,9 @@
-"""Ways to run train.py in the tests, and to compare two runs' ends: in this process (with a crash on
-a chosen step), as a subprocess that is SIGKILLed at a chosen moment, or under torchrun."""
+"""Ways to run train.py and to compare two runs' ends: in this process (with a crash on a chosen
+step), as a subprocess that is SIGKILLed at chosen moments, or under torchrun. The tests use them,
+and bench/kill_soak.py runs `killed_at` and `differences` for many kills."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -107,12 +109,14 @@ def phase(output_dir: Path, stderr: bytes) -> str:
     return "training" if last_train >= 0 else "starting"
 
 
-def killed_while(argv: list[str], output_dir: Path, moments: tuple[str, ...]) -> list[str]:
-    """`python train.py argv`, SIGKILLed when it is first in each of `moments` (evaluating, saving)
-    in turn and restarted with --resume each time, then left to finish. Returns the phases it was
-    killed in (fewer than `moments` if the run ended before a moment came)."""
+def killed_at(argv: list[str], output_dir: Path, moments: list[str], rng: random.Random | None = None,
+              latest_at: float = 0.0) -> list[str]:
+    """`python train.py argv`, SIGKILLed at each of `moments` in turn and restarted with --resume each
+    time, then left to finish. A moment is "evaluating" or "saving" (as soon as the run is at it) or
+    "at random" (drawn by `rng`, within `latest_at` seconds of the process's start). Returns the
+    phase of each kill; fewer than `moments` if the run ended before one came."""
     phases = []
-    while not (output_dir / "results.json").exists():
+    while not (output_dir / "results.json").exists():  # written last: a run killed after it has finished
         resume = ["--resume"] if (output_dir / "latest").is_dir() or (output_dir / "latest.old").is_dir() else []
         process = subprocess.Popen([sys.executable, "train.py", *argv, "--output-dir", str(output_dir), *resume],
                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -124,15 +128,18 @@ def killed_while(argv: list[str], output_dir: Path, moments: tuple[str, ...]) ->
 
         reader = threading.Thread(target=read_stderr, daemon=True)
         reader.start()
+        deadline = time.monotonic() + (rng.uniform(0, latest_at) if rng else 0)
         while len(phases) < len(moments) and process.poll() is None:
-            if phase(output_dir, bytes(stderr)) == moments[len(phases)]:
+            now, moment = phase(output_dir, bytes(stderr)), moments[len(phases)]
+            if now == moment or moment == "at random" and time.monotonic() >= deadline:
                 os.kill(process.pid, signal.SIGKILL)
-                phases.append(moments[len(phases)])
+                phases.append(now)
                 break
             time.sleep(0.001)
         process.wait()
         reader.join()
-        assert process.returncode in (0, -signal.SIGKILL), stderr.decode(errors="replace")[-3000:]
+        if process.returncode not in (0, -signal.SIGKILL):
+            raise RuntimeError(f"train.py failed:\n{stderr.decode(errors='replace')[-3000:]}")
     return phases
 
 

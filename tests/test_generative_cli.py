@@ -137,6 +137,36 @@ def test_gguf_is_dequantized_once_into_a_plain_cached_model(monkeypatch):
     assert directory.name == f"{gguf_file.stem}-{gguf_file.stat().st_size}-{digest[:16]}"  # another file, another copy
 
 
+def test_processes_wanting_the_same_gguf_copy_at_once_make_it_once(tmp_path, monkeypatch):
+    """torchrun's processes (or the suite's workers) on a first run: one writes the copy, the others
+    wait for it and use it."""
+    import threading
+    import time
+
+    import models.backbones
+    from models.backbones import GGUF_CACHE_VARIABLE, dequantized_gguf
+
+    monkeypatch.setenv(GGUF_CACHE_VARIABLE, str(tmp_path / "cache"))
+    gguf_file = tmp_path / "tiny.gguf"
+    gguf_file.write_bytes(b"GGUF stand-in")
+    writes = []
+
+    def write(path, target, unwritable):
+        writes.append(path)
+        time.sleep(0.2)  # long enough for the other thread to come
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models.backbones, "_write_dequantized", write)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(dequantized_gguf(gguf_file))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(writes) == 1 and len(found) == 2 and found[0] == found[1]
+
+
 def test_generative_v2_reports_no_answer_scores_and_answers_nothing(tmp_path, tiny_t5_dir, capsys):
     """Unanswerable questions train the empty answer; evaluation scores it like the official v2
     script (HasAns / NoAns), writes it as "", and predict.py says "(no answer)"."""

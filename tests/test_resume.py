@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import GENERATIVE_RUN_FLAGS, ZERO_GRADIENT_TENSORS, assert_one_line_error, tiny_flags
-from runs import (children, crash_then_resume, differences, killed_while, run_single, run_torchrun, saved_step,
+from runs import (children, crash_then_resume, differences, killed_at, run_single, run_torchrun, saved_step,
                   start_until_saved, succeeded, torchrun_command)
 
 
@@ -112,7 +112,7 @@ def crash(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
 
 def kill(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
     """SIGKILL from outside (no cleanup runs) while evaluating, then while saving, resumed each time."""
-    assert killed_while(flags, output_dir, ("evaluating", "saving")) == ["evaluating", "saving"]
+    assert killed_at(flags, output_dir, ["evaluating", "saving"]) == ["evaluating", "saving"]
 
 
 def torchrun_sigterm(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
