@@ -14,6 +14,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each of pytest.ini's two worker processes computes on one thread: two workers of two threads each on
+# two cores spin-wait on each other (OpenMP), several times slower than one thread each. Set before
+# torch is imported; the processes the tests start inherit it.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -41,8 +46,10 @@ def pytest_configure(config):
         os.environ[GGUF_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="gguf-cache-")
         config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(GGUF_CACHE_VARIABLE), ignore_errors=True))
 
-# The files that take longest, run first, so that the two workers of pytest.ini finish together.
-LONGEST_FIRST = ("test_resume.py", "test_distributed.py", "test_training.py")
+# The files that take longest, in the order pytest.ini's two workers take them (each starts with one
+# file and queues one more): one runs test_resume.py then test_learning.py, the other
+# test_distributed.py then the short files, and both finish at about the same time.
+LONGEST_FIRST = ("test_resume.py", "test_distributed.py", "test_learning.py")
 
 
 def pytest_collection_modifyitems(items):
