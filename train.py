@@ -55,6 +55,11 @@ TASKS: dict[str, type[Task]] = {"qa": QATask, "clm": CLMTask}
 RESULTS = "results.json"
 
 
+def by_task(name: str) -> str:
+    """A flag's default for each task, for its help."""
+    return ", ".join(f"{task.DEFAULTS[name]} for {task_name}" for task_name, task in TASKS.items())
+
+
 @dataclass(frozen=True)
 class TrainSettings(ModelSettings, DataSettings, QASettings, CLMSettings, OptimizerSettings, DeviceSettings):
     """the run"""
@@ -69,8 +74,8 @@ class TrainSettings(ModelSettings, DataSettings, QASettings, CLMSettings, Optimi
     epochs: int = setting(3, "passes over the training windows", at_least=1, roles=(TRAJECTORY, HPARAM))
     max_steps: int | None = setting(None, "stop after this many optimizer steps (overrides --epochs)", at_least=1,
                                     roles=(TRAJECTORY, HPARAM))
-    batch_size: int | None = setting(None, "windows (qa) or blocks (clm) per micro-batch, per process; default 16 "
-                                           "for qa, 8 for clm", at_least=1)
+    batch_size: int | None = setting(None, "windows (qa) or blocks (clm) per micro-batch, per process; default "
+                                           f"{by_task('batch_size')}", at_least=1)
     grad_accum_steps: int = setting(1, "micro-batches per optimizer step; the global batch is batch size x this x "
                                        "processes", at_least=1)
     seed: int = setting(42, "seed for initialisation, dropout and data order", roles=(TRAJECTORY, HPARAM))
@@ -78,8 +83,8 @@ class TrainSettings(ModelSettings, DataSettings, QASettings, CLMSettings, Optimi
                                     "after this many in a row", at_least=1)
     eval_steps: int | None = setting(None, "also evaluate every N optimizer steps (always at each epoch end)",
                                      at_least=1)
-    eval_batch_size: int | None = setting(None, "windows or blocks per evaluation batch; default 64 for qa, 8 for clm "
-                                                "(its logits span the whole vocabulary at every position)", at_least=1)
+    eval_batch_size: int | None = setting(None, f"windows or blocks per evaluation batch; default "
+                                                f"{by_task('eval_batch_size')}", at_least=1)
     eval_before_training: bool | None = setting(
         None, "score the model once before training, as a baseline; default: yes, unless it has a fresh, untrained "
               "span head (extractive QA from a backbone), which would score about nothing")
@@ -113,9 +118,10 @@ def parse_settings(argv=None) -> TrainSettings:
     """The command line (and --config file), with the defaults that depend on the task filled in."""
     settings = parse(TrainSettings, sys.argv[1:] if argv is None else argv, "Fine-tune a pretrained Transformers "
                      "model; see README.md.")
-    unset = {name: value for name, value in TASKS[settings.task].defaults(settings).items()
-             if getattr(settings, name) is None}
-    return replace(settings, output_dir=settings.output_dir or f"outputs/{settings.task}", **unset)
+    task = TASKS[settings.task]
+    unset = {name: value for name, value in task.DEFAULTS.items() if getattr(settings, name) is None}
+    return replace(settings, model=settings.model or task.default_model(settings),
+                   output_dir=settings.output_dir or f"outputs/{settings.task}", **unset)
 
 
 @dataclass

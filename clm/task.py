@@ -39,11 +39,12 @@ class CLMTask(Task):
     metric, higher_is_better = "loss", False
     scalars = ("loss", "perplexity")
 
+    # evaluation batches stay small because the logits span the whole vocabulary at every position
+    DEFAULTS = {"train_file": str(SAMPLES / "text_sample.txt"), "batch_size": 8, "eval_batch_size": 8}
+
     @staticmethod
-    def defaults(settings) -> dict:
-        # evaluation batches stay small because the logits span the whole vocabulary at every position
-        return {"train_file": str(SAMPLES / "text_sample.txt"), "batch_size": 8, "eval_batch_size": 8,
-                "model": "smollm2-135m"}
+    def default_model(settings) -> str:
+        return "smollm2-135m"
 
     def __init__(self, settings, model_source: str, saved_run_config: dict | None):
         config = load_config(model_source)

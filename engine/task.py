@@ -40,10 +40,13 @@ class Task(ABC):
     run_config: dict
     description: str  # one line for the log: the data and what it became
 
+    # The values of the flags left unset that depend on the task: the data, the batch sizes.
+    DEFAULTS: dict
+
     @staticmethod
     @abstractmethod
-    def defaults(settings) -> dict:
-        """Values for the flags left unset that depend on the task (data, batch sizes, the model)."""
+    def default_model(settings) -> str:
+        """The model when --model is not given."""
 
     @abstractmethod
     def loss(self, model, batch: dict) -> torch.Tensor:

@@ -60,11 +60,12 @@ class QATask(Task):
     scalars = ("exact_match", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact", "best_f1",
                "best_f1_thresh")
 
+    DEFAULTS = {"train_file": str(SAMPLES / "squad_train.json"), "validation_file": str(SAMPLES / "squad_validation.json"),
+                "batch_size": 16, "eval_batch_size": 64}
+
     @staticmethod
-    def defaults(settings) -> dict:
-        return {"train_file": str(SAMPLES / "squad_train.json"), "validation_file": str(SAMPLES / "squad_validation.json"),
-                "batch_size": 16, "eval_batch_size": 64,
-                "model": "smollm2-135m" if settings.qa_style == "generative" else "minilm-l6"}
+    def default_model(settings) -> str:
+        return "smollm2-135m" if settings.qa_style == "generative" else "minilm-l6"
 
     def __init__(self, settings, model_source: str, saved_run_config: dict | None):
         # Data first: a mistake in a file is reported before minutes are spent loading a model.

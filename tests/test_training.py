@@ -121,6 +121,52 @@ def test_resume_with_a_different_learning_rate_is_refused(run_a, tiny_model_dir)
     assert (run_a / "config.yaml").read_text() == config  # the refused run's settings are not recorded
 
 
+# The settings the previous version of train.py (before the run's settings were declared once, in
+# engine/settings.py) saved in training_state.pt for `tiny_flags`, but for the paths.
+PREVIOUS_VERSION_ARGS = {
+    "config": None, "task": "qa", "qa_style": None, "dataset": None, "max_train_samples": 40, "max_eval_samples": 10,
+    "max_seq_length": 384, "doc_stride": 128, "dataset_config": None, "block_size": None, "drop_last": False,
+    "line_by_line": False, "text_field": "text", "validation_split": 0.1, "cache_dir": "outputs/token-cache",
+    "group_by_length": False, "prompt_template": None, "no_answer_share": None, "max_answer_tokens": 32, "num_beams": 1,
+    "freeze": "", "train_last_layers": None, "lora": False, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+    "lora_targets": None, "merge_lora": False, "gradient_checkpointing": None, "epochs": 3, "max_steps": 8,
+    "batch_size": 4, "grad_accum_steps": 2, "learning_rate": 0.0003, "weight_decay": 0.01, "warmup_ratio": 0.1,
+    "max_grad_norm": 1.0, "max_bad_steps": 5, "attention_dropout": 0.0, "seed": 42, "eval_steps": None,
+    "eval_batch_size": 64, "eval_before_training": None, "n_best": 20, "max_answer_length": 30,
+    "null_score_diff_threshold": None, "save_steps": 3, "log_steps": 2, "resume": None, "device": "cpu",
+    "precision": "fp32", "attention": "auto", "compile": False, "fsdp": False, "global_batch": 8,
+}
+
+
+def test_a_checkpoint_of_the_previous_version_resumes(tiny_run, tiny_model_dir, tmp_path):
+    """Its saved settings pass the resume check (the finished run has nothing left to do), and a
+    trajectory setting that differs from them is still refused."""
+    import shutil
+
+    from conftest import SAMPLES
+    from engine.checkpoint import load_run_config, write_manifest
+
+    run = shutil.copytree(tiny_run.output_dir, tmp_path / "run")
+    latest = run / "latest"
+
+    def save_args(**changes):
+        state = training_state(latest)
+        state["args"] = {**PREVIOUS_VERSION_ARGS, "model": str(tiny_model_dir), "output_dir": str(run),
+                         "train_file": str(SAMPLES / "squad_train.json"),
+                         "validation_file": str(SAMPLES / "squad_validation.json"), **changes}
+        torch.save(state, latest / "training_state.pt")
+        write_manifest(latest, load_run_config(latest))
+
+    argv = [*tiny_run.flags, "--output-dir", str(run), "--resume"]
+    save_args()
+    with pytest.raises(UserError, match="nothing to do"):
+        train.main(argv)
+    save_args(seed=7)
+    with pytest.raises(UserError) as error:
+        train.main(argv)
+    one_line(error, "cannot resume with different settings (--seed 7 -> 42)")
+
+
 @pytest.mark.parametrize("flag, value", [
     ("--batch-size", "2"), ("--seed", "7"), ("--max-seq-length", "256"),
     ("--max-grad-norm", "0.5"),  # clipping changes every update
