@@ -30,9 +30,9 @@ from data import DataSettings
 from data.batching import TrainBatches, prefetched, step_plan, without_needless_mask
 from engine.checkpoint import (find_checkpoint, load_saved_run, output_directory_lock, save_checkpoint,
                                verified_checkpoint)
-from engine.device import (DeviceSettings, autocast, configure_device, forked_rng, grad_scaler, host_values,
-                           out_of_memory_as_error, peak_memory_mb, pick_precision, pinned, restore_rng_state,
-                           rng_state, to_device)
+from engine.device import (DeviceSettings, OutOfMemory, autocast, configure_device, forked_rng, grad_scaler,
+                           host_values, memory_mb, out_of_memory_as_error, peak_flops, peak_memory_mb, pick_precision,
+                           pinned, restore_rng_state, rng_state, to_device)
 from engine.distributed import (clip_grad_norm, close_processes, from_main, full_model_state, gather_to_main,
                                 gradient_sync, held_state_mb, init_processes, is_distributed, is_main,
                                 load_optimizer_state, optimizer_state, rank, sum_over_ranks, targets_over_ranks,
@@ -45,7 +45,8 @@ from engine.signals import StopRequest
 from engine.task import Task
 from engine.tensorboard import run_writer, write_hparams
 from models.backbones import count_parameters, resolve_model
-from models.build import ModelSettings, export_merged, load_for_training, place
+from models.build import ModelSettings, compile_gain, compile_in_place, export_merged, load_for_training, place
+from models.flops import sequence_flops
 from models.transfer import is_lora, transformer_blocks
 from qa.task import QASettings, QATask
 
@@ -94,6 +95,17 @@ class TrainSettings(ModelSettings, DataSettings, QASettings, CLMSettings, Optimi
                                        "latest/ (default: OUTPUT_DIR/latest)", bare="latest", recorded=False)
     fsdp: bool = setting(False, "under torchrun: shard weights, gradients and optimizer state across the processes "
                                 "(FSDP2) instead of replicating the model in each (DDP)", roles=(TRAJECTORY,))
+    early_stopping_patience: int | None = setting(
+        None, "stop after N evaluations in a row that do not improve the task's metric (F1 for qa, validation loss for "
+              "clm) by more than --early-stopping-min-delta; best/ holds the best", at_least=1, roles=(TRAJECTORY, HPARAM))
+    early_stopping_min_delta: float = setting(0.0, "the least gain of the metric, in its own units (F1 points, loss), "
+                                                   "that counts as an improvement for --early-stopping-patience",
+                                              at_least=0, roles=(TRAJECTORY,))
+    dry_run: bool = setting(
+        False, "set up as usual, take three optimizer steps (the first on the run's longest windows, so that memory "
+               "peaks as it will), then print and write OUTPUT_DIR/dry_run.json: parameters, peak memory, seconds per "
+               "step, tokens/s, MFU, the projected time of the training and of its evaluations, and whether it fits. "
+               "Writes no checkpoint", recorded=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,6 +114,8 @@ class TrainSettings(ModelSettings, DataSettings, QASettings, CLMSettings, Optimi
                             "the text files")
         if self.compile and self.fsdp:
             raise UserError("--compile with --fsdp is not supported: use one or the other")
+        if self.early_stopping_min_delta and not self.early_stopping_patience:
+            raise UserError("--early-stopping-min-delta needs --early-stopping-patience")
 
 
 @dataclass(frozen=True)
@@ -132,8 +146,12 @@ class TrainingState:
     epoch: int = 0
     batches_done: int = 0  # global batches (optimizer steps) of this epoch already consumed
     best_score: float | None = None  # of the task's metric (F1 for QA), at the best evaluation so far
+    best_step: int | None = None
+    evaluations_without_improvement: int = 0  # in a row, for --early-stopping-patience
+    stopped_early: dict | None = None  # {"step", "reason"} once --early-stopping-patience stopped the run
     last_eval_step: int = -1
     train_seconds: float = 0.0  # time in train_step, without evaluation and saving
+    train_flops: float = 0.0  # model FLOPs of the steps taken (models/flops.py), on all processes
     windows_seen: int = 0
     tokens_seen: int = 0  # real tokens, padding excluded
     padded_tokens_seen: int = 0
@@ -162,6 +180,10 @@ class Run:
     output_dir: Path
     parameters: tuple[int, int]  # trainable, total
     eval_before_training: bool
+    feature_flops: np.ndarray  # model FLOPs of training on each feature, forward and backward
+    eval_flops: float  # of one evaluation's forward passes
+    peak_flops: float | None  # of one process's device in the run's precision, for MFU (None: unknown)
+    compile_note: str = ""  # what --compile auto decided, and why
 
 
 def setup(settings: TrainSettings, device: torch.device) -> Run:
@@ -186,8 +208,12 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
         task = TASKS[settings.task](settings, source, saved.run_config if saved else None)
         model = load_for_training(settings, source, task.run_config["model_kind"], resume_from, task.run_config)
     untrained_head = getattr(model, "untrained_head", False)
-    model, chosen = place(model, device, precision, settings.attention, settings.compile)
+    model, chosen = place(model, device, precision, settings.attention, bool(settings.compile))
     trainable, total = count_parameters(model)
+    flops = sequence_flops(model)  # before DDP or FSDP wraps it: the same modules, which train the same
+    feature_flops = flops.training(task.train_set.lengths, task.train_set.target_lengths)
+    eval_flops = float(flops.forward(task.eval_set.lengths, task.eval_set.target_lengths).sum())
+    peak, peak_source = peak_flops(device, precision)
     learning_rate = settings.learning_rate
     if learning_rate is None:  # --learning-rate auto
         learning_rate = auto_learning_rate(settings.task, settings.lora, total)
@@ -219,20 +245,21 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
             restore_rng_state(rng_states[rank()], device)
         state = TrainingState(**saved.training_state["state"])
         log.info("resumed from %s at step %d (epoch %d)", resume_from, state.step, state.epoch + 1)
-    if is_main():  # once a resumed run has passed its check: a refused one leaves the file as it was
+    if is_main() and not settings.dry_run:  # once a resumed run has passed its check: a refused one leaves it as it was
         output_dir.mkdir(parents=True, exist_ok=True)
         write_config(output_dir, settings, resolved)
 
     log.info("model %s: %.1fM parameters, %.2fM trainable (%.2f%%); device %s", settings.model, total / 1e6,
              trainable / 1e6, 100 * trainable / total, device)
     log.info("precision %s (%s); %s", precision, precision_reason, chosen)
+    log.info("MFU against %s", f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else f"nothing: {peak_source}")
     log.info("%s; %d optimizer steps of %d (global batch: %d per micro-batch x %d micro-batches x %d processes%s), "
              "lr %.0e", task.description, total_steps, resolved.global_batch, settings.batch_size,
              settings.grad_accum_steps, world_size(), ", FSDP" if settings.fsdp else "", resolved.learning_rate)
     eval_before_training = (settings.eval_before_training if settings.eval_before_training is not None
                             else not untrained_head)  # a fresh span head would score about nothing
     return Run(settings, resolved, device, precision, task, model, batches, total_steps, optimizer, scheduler, scaler,
-               state, output_dir, (trainable, total), eval_before_training)
+               state, output_dir, (trainable, total), eval_before_training, feature_flops, eval_flops, peak)
 
 
 OUT_OF_MEMORY_REMEDIES = ("lower --batch-size and raise --grad-accum-steps by as much (the same global batch), or "
@@ -347,20 +374,47 @@ def evaluate_and_save(run: Run, writer) -> dict:
     log.info("step %d%s: %s (%.0fs)", state.step, " (before training)" if state.step == 0 else "",
              task.describe(scores), scores["seconds"])
     score = scores[task.metric]
-    if state.best_score is None or (score > state.best_score if task.higher_is_better else score < state.best_score):
-        state.best_score = score
+    gain = None if state.best_score is None else (score - state.best_score) * (1 if task.higher_is_better else -1)
+    if gain is None or gain > 0:
+        state.best_score, state.best_step = score, state.step
         save(run, "best", with_training_state=False, scores=scores)
     writer.add_scalar(f"best/{task.metric}", state.best_score, state.step)
+    if state.step > 0 and run.settings.early_stopping_patience:  # the evaluation before training is the baseline
+        count_patience(run, writer, gain)
     save(run, "latest", with_training_state=True, scores=scores)
     return scores
 
 
-def hparams(run: Run) -> dict:
-    """The settings TensorBoard's HParams dashboard compares runs by."""
+def count_patience(run: Run, writer, gain: float | None) -> None:
+    """--early-stopping-patience: count the evaluations in a row whose metric did not improve on the best
+    by more than --early-stopping-min-delta, and mark the run stopped when there are as many as the
+    patience. Every process counts from the same (rank 0's) scores, so all stop at the same step."""
+    state, settings, metric = run.state, run.settings, run.task.metric
+    if gain is None or gain > settings.early_stopping_min_delta:
+        state.evaluations_without_improvement = 0
+        return
+    state.evaluations_without_improvement += 1
+    if state.evaluations_without_improvement < settings.early_stopping_patience:
+        return
+    by = f" by more than {settings.early_stopping_min_delta:g}" if settings.early_stopping_min_delta else ""
+    state.stopped_early = {"step": state.step, "reason": (
+        f"{state.evaluations_without_improvement} evaluations in a row did not improve {metric}{by} "
+        f"(best {state.best_score:.4g} at step {state.best_step}; --early-stopping-patience "
+        f"{settings.early_stopping_patience})")}
+    writer.add_scalar("train/stopped_early_at_step", state.step, state.step)
+    log.info("early stop at step %d of %d: %s", state.step, run.total_steps, state.stopped_early["reason"])
+
+
+def write_run_hparams(run: Run, writer, finished: bool = False) -> None:
+    """The settings TensorBoard's HParams dashboard compares runs by, and the scalars it shows beside
+    them: the task's metric (last and best), MFU, and the step an early stop came at."""
     saved = as_saved(run.settings, run.resolved)
     names = with_role(TrainSettings, HPARAM) + with_role(Resolved, HPARAM)
-    return {**{name: saved[name] for name in names}, "precision": run.precision,
-            "trainable_parameters": run.parameters[0], "total_parameters": run.parameters[1]}
+    settings = {**{name: saved[name] for name in names}, "precision": run.precision,
+                "trainable_parameters": run.parameters[0], "total_parameters": run.parameters[1]}
+    metric = run.task.metric
+    write_hparams(writer, settings, [f"eval/{metric}", f"best/{metric}", "train/mfu", "train/stopped_early_at_step"],
+                  finished)
 
 
 def skipped_step(run: Run, writer, loss: float, grad_norm: float) -> None:
@@ -385,22 +439,25 @@ def train(run: Run) -> None:
     writer = run_writer(run.output_dir / "tensorboard")
     trainable, total = run.parameters
     writer.add_text("model", f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", state.step)
-    write_hparams(writer, hparams(run), run.task.metric)
+    write_run_hparams(run, writer)
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not is_main())
-    window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
+    # Since the last log line: steps' seconds (each ends reading the device: synchronised), windows,
+    # tokens, FLOPs.
+    window = np.zeros(4)
+    first_steps = []  # (seconds, FLOPs, tokens) of this process's first steps: --compile auto decides from them
     lengths = run.task.train_set.lengths
     if state.step == 0 and state.initial_scores is None and run.eval_before_training:
         state.initial_scores = evaluate_and_save(run, writer)
     with StopRequest() as stop:
-        while state.step < run.total_steps:
+        while state.step < run.total_steps and not state.stopped_early:
             epoch_batches = run.batches.for_epoch(state.epoch)
             # The next step's micro-batches are collated (and pinned) while this step runs.
             steps = prefetched(epoch_batches[state.batches_done:], lambda b: micro_batches_of_step(run, b))
             started = time.perf_counter()
             for batch, (micro_batches, padded_tokens) in steps:
                 step = train_step(run, micro_batches, settings.max_grad_norm, lambda: stop.requested)
-                state.train_seconds += time.perf_counter() - started  # with any wait for the batch
+                seconds = time.perf_counter() - started  # with any wait for the batch
                 state.step += 1
                 if step.updated:
                     state.bad_steps_in_a_row = 0
@@ -412,20 +469,20 @@ def train(run: Run) -> None:
                 epoch_end = state.batches_done == len(epoch_batches)
                 if epoch_end:
                     state.epoch, state.batches_done = state.epoch + 1, 0
-                tokens = int(sum(lengths[i] for i in batch))
-                window_windows, window_tokens = window_windows + len(batch), window_tokens + tokens
+                tokens, flops = int(sum(lengths[i] for i in batch)), float(run.feature_flops[batch].sum())
+                window += (seconds, len(batch), tokens, flops)
+                state.train_seconds += seconds
                 state.windows_seen += len(batch)
                 state.tokens_seen += tokens
                 state.padded_tokens_seen += padded_tokens
+                state.train_flops += flops
+                if settings.compile is None and len(first_steps) < COMPILE_DECISION_AFTER:
+                    first_steps.append((seconds, flops, tokens))
+                    if len(first_steps) == COMPILE_DECISION_AFTER:
+                        decide_compile(run, first_steps[1:])  # the first step warms up
                 if state.step % settings.log_steps == 0 or state.step == run.total_steps:
-                    seconds = time.perf_counter() - window_start
-                    lr = run.scheduler.get_last_lr()[0]
-                    for name, value in (("loss", step.loss), ("lr", lr), ("grad_norm", step.grad_norm),
-                                        ("skipped_steps", state.skipped_steps), ("windows_per_s", window_windows / seconds),
-                                        ("tokens_per_s", window_tokens / seconds)):
-                        writer.add_scalar(f"train/{name}", value, state.step)
-                    bar.set_postfix(loss=f"{step.loss:.3f}", lr=f"{lr:.1e}", win_s=f"{window_windows / seconds:.1f}")
-                    window_start, window_windows, window_tokens = time.perf_counter(), 0, 0
+                    log_window(run, writer, bar, step, *window)
+                    window[:] = 0
                 bar.update(1)
                 if epoch_end or settings.eval_steps and state.step % settings.eval_steps == 0:
                     evaluate_and_save(run, writer)
@@ -435,14 +492,101 @@ def train(run: Run) -> None:
                     bar.close()
                     writer.close()
                     raise SystemExit(f"stopped at step {state.step}; continue with --resume" if is_main() else 1)
-                if state.step >= run.total_steps:
+                if state.step >= run.total_steps or state.stopped_early:
                     break
                 started = time.perf_counter()
     if state.last_eval_step != state.step:
         evaluate_and_save(run, writer)
-    write_hparams(writer, hparams(run), run.task.metric, finished=True)
+    write_run_hparams(run, writer, finished=True)
     bar.close()
     writer.close()
+
+
+def mfu(run: Run, flops: float, seconds: float) -> float | None:
+    """Model FLOPs utilisation: the FLOPs of every process's steps per second, over what their devices
+    can do at the run's precision (None where that is unknown)."""
+    return flops / seconds / (run.peak_flops * world_size()) if run.peak_flops and seconds > 0 else None
+
+
+def log_window(run: Run, writer, bar, step: StepResult, seconds: float, windows: float, tokens: float,
+               flops: float) -> None:
+    """TensorBoard's train/ scalars and the progress line, over the steps since the last log."""
+    lr = run.scheduler.get_last_lr()[0]
+    utilisation = mfu(run, flops, seconds)
+    for name, value in (("loss", step.loss), ("lr", lr), ("grad_norm", step.grad_norm),
+                        ("skipped_steps", run.state.skipped_steps), ("windows_per_s", windows / seconds),
+                        ("tokens_per_s", tokens / seconds), ("mfu", utilisation)):
+        if value is not None:
+            writer.add_scalar(f"train/{name}", value, run.state.step)
+    bar.set_postfix(loss=f"{step.loss:.3f}", lr=f"{lr:.1e}", win_s=f"{windows / seconds:.1f}",
+                    mfu="?" if utilisation is None else f"{utilisation:.0%}")
+
+
+@dataclass
+class Projection:
+    """The rest of the run, projected from timed steps by their model FLOPs."""
+
+    seconds_per_step: float  # of the timed steps
+    tokens_per_s: float
+    flops_per_s: float
+    steps: int  # still to take
+    train_seconds: float
+    evaluations: int  # still to make
+    eval_seconds: float
+
+
+def planned_step_flops(run: Run) -> np.ndarray:
+    """The model FLOPs of every optimizer step of the run, step k at index k - 1."""
+    flops, epoch = [], 0
+    while len(flops) < run.total_steps:
+        flops += [float(run.feature_flops[batch].sum()) for batch in run.batches.for_epoch(epoch)]
+        epoch += 1
+    return np.array(flops[:run.total_steps])
+
+
+def evaluations_to_come(run: Run) -> int:
+    """How many evaluations the rest of the run makes, as `train` decides them."""
+    state, eval_steps, per_epoch = run.state, run.settings.eval_steps, len(run.batches)
+    before = state.step == 0 and state.initial_scores is None and run.eval_before_training
+    return int(before) + sum(1 for step in range(state.step + 1, run.total_steps + 1)
+                             if step % per_epoch == 0 or (eval_steps and step % eval_steps == 0) or step == run.total_steps)
+
+
+def project(run: Run, timed: list[tuple[float, float, int]]) -> Projection:
+    """From (seconds, FLOPs, tokens) of timed steps: the training still to do takes its FLOPs at their
+    FLOP rate; an evaluation its forward FLOPs at the same rate (forward passes run at about the rate of
+    a training step's; generated answers, which wait on every token, take longer)."""
+    seconds, flops, tokens = (sum(column) for column in zip(*timed))
+    rate = flops / seconds
+    evaluations = evaluations_to_come(run)
+    return Projection(seconds / len(timed), tokens / seconds, rate, run.total_steps - run.state.step,
+                      float(planned_step_flops(run)[run.state.step:].sum()) / rate, evaluations,
+                      evaluations * run.eval_flops / rate)
+
+
+# --compile auto decides after this many steps, timing all but the first (which warms up).
+COMPILE_DECISION_AFTER = 3
+
+
+def decide_compile(run: Run, timed: list[tuple[float, float, int]]) -> None:
+    """--compile auto: compile the model now if the rest of the run, projected from the timed steps,
+    gains more than compiling costs (rank 0's projection decides for every process)."""
+    model = unwrap(run.model)
+    gain = "--fsdp does not combine with compile" if run.settings.fsdp else \
+        compile_gain(run.device, run.precision, len(transformer_blocks(model)))
+    if isinstance(gain, str):
+        run.compile_note = f"eager: {gain}"
+    else:
+        speedup, compile_seconds = gain
+        remaining = project(run, timed).train_seconds
+        saved = remaining * (1 - 1 / speedup)
+        compiling = from_main(saved > compile_seconds)
+        run.compile_note = (f"{'compiled' if compiling else 'eager'} after step {run.state.step}: the remaining "
+                            f"{remaining:.0f} s of training would gain about {saved:.0f} s at the {speedup}x measured "
+                            f"on {run.device.type} in {run.precision}, for about {compile_seconds:.0f} s of compiling")
+        if compiling:
+            compile_in_place(model)
+    log.info("--compile auto: %s", run.compile_note)
 
 
 def write_results(run: Run, scores: dict, state_mb: list[float]) -> None:
@@ -455,11 +599,13 @@ def write_results(run: Run, scores: dict, state_mb: list[float]) -> None:
         "precision": run.precision, "train_seconds": state.train_seconds, "train_windows": state.windows_seen,
         "train_windows_per_s": state.windows_seen / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "train_flops": state.train_flops, "mfu": mfu(run, state.train_flops, state.train_seconds),
+        "compile": run.compile_note or ("compiled" if run.settings.compile else "eager"),
         "padding_share": 1 - state.tokens_seen / max(state.padded_tokens_seen, 1),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # of rank 0's process
         "state_mb_per_process": state_mb,
         "trainable_parameters": run.parameters[0], "total_parameters": run.parameters[1],
-        "args": as_saved(run.settings, run.resolved),
+        "stopped_early": state.stopped_early, "args": as_saved(run.settings, run.resolved),
     }
     for count, name in (("windows", "windows"), ("total", "questions"), ("tokens", "tokens")):
         if count in scores:
@@ -484,8 +630,65 @@ def finish(run: Run) -> None:
     run.model = None
     close_processes()
     if main_process:
-        print(f"final: {run.task.describe(scores)}; best {run.task.metric} {run.state.best_score:.4g}, "
-              f"checkpoints in {run.output_dir}/best and {run.output_dir}/latest")
+        stopped = f"stopped early at step {run.state.stopped_early['step']}; " if run.state.stopped_early else ""
+        print(f"final: {run.task.describe(scores)}; {stopped}best {run.task.metric} {run.state.best_score:.4g} "
+              f"(step {run.state.best_step}), checkpoints in {run.output_dir}/best and {run.output_dir}/latest")
+
+
+DRY_RUN = "dry_run.json"
+
+
+def dry_run(run: Run) -> dict:
+    """Three optimizer steps, nothing saved: the first on the global batch of the longest features
+    (every process's largest micro-batches, so memory peaks as in the run, and it warms up), then the
+    run's own next two batches, timed, from which the rest of the run is projected. The report goes to
+    the log and to OUTPUT_DIR/dry_run.json (rank 0's; under torchrun every process runs its share)."""
+    state, lengths = run.state, run.task.train_set.lengths
+    longest = np.argsort(-lengths, kind="stable")[:run.resolved.global_batch].tolist()
+    upcoming = run.batches.for_epoch(state.epoch)[state.batches_done:][:2]
+    timed, verdict = [], None
+    try:
+        for batch in [longest, *upcoming]:
+            micro_batches, _ = micro_batches_of_step(run, batch)
+            started = time.perf_counter()
+            train_step(run, micro_batches, run.settings.max_grad_norm)
+            timed.append((time.perf_counter() - started, float(run.feature_flops[batch].sum()),
+                          int(lengths[batch].sum())))
+    except OutOfMemory as error:
+        verdict = f"does not fit: {error}"
+    report = {"model": run.settings.model, "device": str(run.device), "precision": run.precision,
+              "processes": world_size(), "trainable_parameters": run.parameters[0], "parameters": run.parameters[1],
+              **memory_mb(run.device)}
+    if timed:
+        projection = project(run, timed[1:] or timed)
+        report.update(seconds_per_step=projection.seconds_per_step, tokens_per_s=projection.tokens_per_s * world_size(),
+                      mfu=mfu(run, projection.flops_per_s * world_size(), 1.0), steps=projection.steps,
+                      projected_train_seconds=projection.train_seconds, evaluations=projection.evaluations,
+                      projected_eval_seconds=projection.eval_seconds)
+    if verdict is None:
+        headroom = report.get("free_mb", 0) + report.get("resident_mb", 0)  # what this process could still grow to
+        fits = not headroom or report["peak_memory_mb"] < 0.9 * headroom
+        verdict = (f"fits: peak {report['peak_memory_mb']:,.0f} MB ({report['measured']})" if fits else
+                   f"may not fit: a peak of {report['peak_memory_mb']:,.0f} MB ({report['measured']}) against "
+                   f"{headroom:,.0f} MB available")
+    report.update(fits=verdict.startswith("fits"), verdict=verdict)
+    if is_main():
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.output_dir / DRY_RUN, json.dumps(report, indent=2))
+    return report
+
+
+def describe_dry_run(report: dict, path: Path) -> str:
+    lines = [f"dry run of {report['model']} on {report['device']} ({report['precision']}, {report['processes']} "
+             f"process(es)): {report['trainable_parameters']:,} of {report['parameters']:,} parameters train"]
+    if "projected_train_seconds" in report:
+        utilisation = "unknown" if report["mfu"] is None else f"{report['mfu']:.1%}"
+        lines += [f"  {report['seconds_per_step']:.3f} s per optimizer step, {report['tokens_per_s']:,.0f} tokens/s, "
+                  f"MFU {utilisation}",
+                  f"  projected: training {report['projected_train_seconds']:,.0f} s ({report['steps']} steps), "
+                  f"evaluation {report['projected_eval_seconds']:,.0f} s ({report['evaluations']} evaluations)"]
+    lines += [f"  {report['verdict']}", f"  written to {path}; no checkpoint was saved"]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -504,9 +707,19 @@ def main(argv=None) -> None:
     output_dir = Path(settings.output_dir)
     with logging_redirect_tqdm(), output_directory_lock(output_dir) if is_main() else contextlib.nullcontext():
         run = setup(settings, device)
+        if settings.dry_run:
+            report = dry_run(run)
+            run.model = None  # DDP's reducer holds the process group (see finish)
+            close_processes()
+            if is_main():
+                print(describe_dry_run(report, output_dir / DRY_RUN))
+            if not report["fits"]:
+                raise SystemExit(1)
+            return
         # A run killed after its last checkpoint but before results.json is finished by --resume.
-        if run.state.step >= run.total_steps and (output_dir / RESULTS).is_file():
-            raise UserError(f"nothing to do: the run in {output_dir} already finished {run.total_steps} steps")
+        if (run.state.step >= run.total_steps or run.state.stopped_early) and (output_dir / RESULTS).is_file():
+            raise UserError(f"nothing to do: the run in {output_dir} already finished at step {run.state.step}"
+                            + (" (stopped early)" if run.state.stopped_early else ""))
         train(run)
         finish(run)
 

@@ -61,6 +61,7 @@ class SquadFeatures(Dataset):
                 self.end_positions.append(end)
         self.example_index = np.asarray(example_index, dtype=np.int64)
         self.lengths = np.array([len(ids) for ids in self.input_ids])
+        self.target_lengths = None  # one sequence: the model reads and answers in it
         # Windows that share a paragraph: training batches keep them apart (see data.batching).
         context_ids: dict[str, int] = {}
         self.paragraph_ids = np.array([context_ids.setdefault(examples[i].context, len(context_ids)) for i in self.example_index])

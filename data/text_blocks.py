@@ -207,6 +207,7 @@ class GroupedTextBlocks(Dataset):
         targets = len(tokens) - 1
         self.num_blocks = targets // block_size if drop_last else -(-targets // block_size)
         self.lengths = np.full(self.num_blocks, block_size, dtype=np.int64)
+        self.target_lengths = None  # one sequence: the next tokens are its own
         self.paragraph_ids = None  # blocks share no paragraphs: a grouped batch may take any of them
         if self.num_blocks and not drop_last:
             self.lengths[-1] = targets - (self.num_blocks - 1) * block_size

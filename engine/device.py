@@ -12,6 +12,7 @@ the CUDA path is one short file to read, and a test can stand in for a GPU by mo
 """
 import contextlib
 import ctypes
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,4 +282,29 @@ def out_of_memory_as_error(device: torch.device, what: str, remedies: str):
             with contextlib.suppress(RuntimeError):  # the line matters more than this detail
                 free_bytes, total_bytes = torch.cuda.mem_get_info(device)
                 free = f" ({free_bytes / 2**30:.1f} of {total_bytes / 2**30:.1f} GiB free)"
-        raise UserError(f"out of memory on {device}{free} {what}: {remedies}") from None
+        raise OutOfMemory(f"out of memory on {device}{free} {what}: {remedies}") from None
+
+
+class OutOfMemory(UserError):
+    """The device ran out of memory: a --dry-run reports it as its verdict."""
+
+
+def memory_mb(device: torch.device) -> dict:
+    """The run's peak memory and what the device has, in MB: on CUDA the allocator's peak and the GPU's
+    free and total memory; on the CPU the process's peak resident memory, its current one, and the
+    machine's available and total memory (/proc/meminfo)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "measured": "CUDA allocator peak",
+                "free_mb": free / 2**20, "total_mb": total / 2**20}
+    import resource
+
+    memory = {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "measured": "peak resident memory of the process"}
+    with contextlib.suppress(OSError, ValueError):
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        memory["free_mb"] = int(fields["MemAvailable"].split()[0]) / 1024
+        memory["total_mb"] = int(fields["MemTotal"].split()[0]) / 1024
+        memory["resident_mb"] = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return memory
+

@@ -17,6 +17,8 @@ class TrainingSet(Protocol):
     """A torch Dataset of features (windows, blocks), each a dict of token lists."""
 
     lengths: np.ndarray  # tokens per feature: batching sorts and shares the features by them
+    # an encoder-decoder model's decoder tokens per feature (None: one sequence per feature); for FLOPs
+    target_lengths: np.ndarray | None
     paragraph_ids: np.ndarray | None  # features on one paragraph, which a grouped batch keeps apart; None: all apart
 
     def __len__(self) -> int: ...
@@ -34,6 +36,7 @@ class Task(ABC):
     scalars: tuple[str, ...]  # the scores logged to TensorBoard
     tokenizer: object
     train_set: TrainingSet
+    eval_set: TrainingSet  # what `evaluate` runs the model on (its lengths: a dry run projects its time)
     collate: Callable[[list[dict]], dict]  # features -> a padded batch of tensors
     # What inference must reuse to work as evaluation did (windows, model kind, ...): saved in every
     # checkpoint as run_config.json; it names the task and the model kind.

@@ -8,6 +8,8 @@
 `load_trained_model` reads any checkpoint train.py wrote (full weights, or a LoRA adapter on its
 base model), for prediction (which places it with `place` too) and for `export_merged`.
 """
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +58,10 @@ class ModelSettings:
     attention_dropout: float = setting(
         0.0, "dropout on attention probabilities, replacing the model's (0 lets attention run as one fused kernel, "
              "~1.8x faster training on CPU)", roles=(TRAJECTORY,))
-    compile: bool = setting(
-        False, "torch.compile the model (dynamic shapes) for training and evaluation; off by default: on a 2-core "
-               "CPU, MiniLM steps ran about 1.1x faster once compiled, after 20 s to 3 min of compiling "
-               "(bench/results/profile_step.md), so only long runs gain")
+    compile: bool | None = setting(
+        None, "torch.compile the model (dynamic shapes) for training and evaluation; default (auto): compile after the "
+              "run's first steps if the rest of the run, projected from their speed, gains more time than compiling "
+              "takes, where that gain was measured (CPUs; elsewhere eager: --compile to try); the log says which")
 
     def __post_init__(self):
         if self.lora and (self.freeze or self.train_last_layers):
@@ -102,6 +104,28 @@ def export_merged(checkpoint: Path, merged: Path, tokenizer) -> None:
     save_checkpoint(merged, model, tokenizer, {**run_config, "lora": False})
 
 
+# torch.compile(dynamic=True) against eager, per optimizer step, and its compile time, measured with
+# bench/profile_step.py on a 2-core AMD EPYC (MiniLM QA): 1.35x in bf16 (50% of the bf16 matmul peak
+# instead of 39%) and 1.15x in fp32, for about 16 s of compiling its 6 blocks. Unmeasured elsewhere.
+COMPILE_SPEEDUP = {("cpu", "bf16"): 1.35, ("cpu", "fp32"): 1.15}
+COMPILE_SECONDS_PER_BLOCK = 16 / 6  # dynamo traces every block: compile time grows with the depth
+
+
+def compile_gain(device: torch.device, precision: str, blocks: int) -> tuple[float, float] | str:
+    """(speedup, seconds of compiling) that torch.compile is expected to bring, or why none is known."""
+    speedup = COMPILE_SPEEDUP.get((device.type, precision))
+    if speedup is None:
+        return f"compile's gain was not measured on {device.type} in {precision}"
+    if device.type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX"), "g++", "c++") if name):
+        return "no C++ compiler (g++, or $CXX) for torch.compile's CPU kernels"
+    return speedup, COMPILE_SECONDS_PER_BLOCK * blocks
+
+
+def compile_in_place(model: torch.nn.Module) -> None:
+    """Parameter names, and so checkpoints, stay as they are; dropout inside runs as torch's own."""
+    model.compile(dynamic=True)
+
+
 def place(model, device: torch.device, precision: str, attention: str = AUTO, compile: bool = False):
     """The model on `device`, running the attention kernel and dropout chosen for it and `precision`,
     compiled if asked; returns it and a line saying what was chosen."""
@@ -114,5 +138,5 @@ def place(model, device: torch.device, precision: str, attention: str = AUTO, co
     if replaced:
         chosen += f"; {replaced} dropout layers draw masks with models/dropout.py"
     if compile:
-        model.compile(dynamic=True)  # in place: parameter names, and so checkpoints, stay as they are
+        compile_in_place(model)
     return model, chosen

@@ -12,7 +12,8 @@ as with torch's dropout. Masks come from torch's default generator, so `--seed` 
 checkpoint's saved random state resumes them bit for bit.
 
 On CUDA (one fused kernel per dropout) and under torch.compile (which generates its own threaded
-dropout) torch's dropout is kept: see `use_mask_dropout`.
+dropout) torch's dropout is kept: see `use_mask_dropout`, and `MaskDropout.forward` in a model
+compiled once it ran.
 """
 import torch
 from torch.autograd.profiler import record_function
@@ -42,6 +43,8 @@ class MaskDropout(torch.nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        if torch.compiler.is_compiling():  # a model compiled after its first steps (--compile auto)
+            return torch.nn.functional.dropout(x, self.p, training=True)
         if self.p == 1:
             return x * 0
         return x * keep_mask(x.shape, self.p, x.dtype, x.device)
