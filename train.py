@@ -152,6 +152,7 @@ class TrainingState:
     last_eval_step: int = -1
     train_seconds: float = 0.0  # time in train_step, without evaluation and saving
     train_flops: float = 0.0  # model FLOPs of the steps taken (models/flops.py), on all processes
+    eval_seconds: float = 0.0  # in evaluations
     windows_seen: int = 0
     tokens_seen: int = 0  # real tokens, padding excluded
     padded_tokens_seen: int = 0
@@ -367,6 +368,7 @@ def save(run: Run, name: str, with_training_state: bool, scores: dict | None = N
 def evaluate_and_save(run: Run, writer) -> dict:
     scores = evaluate(run)
     state, task = run.state, run.task
+    state.eval_seconds += scores["seconds"]
     state.last_eval_step, state.last_scores = state.step, scores
     for key in task.scalars:
         if key in scores:
@@ -568,24 +570,27 @@ def project(run: Run, timed: list[tuple[float, float, int]]) -> Projection:
 COMPILE_DECISION_AFTER = 3
 
 
-def decide_compile(run: Run, timed: list[tuple[float, float, int]]) -> None:
-    """--compile auto: compile the model now if the rest of the run, projected from the timed steps,
-    gains more than compiling costs (rank 0's projection decides for every process)."""
-    model = unwrap(run.model)
+def compile_decision(run: Run, projection: Projection) -> tuple[bool, str, float]:
+    """--compile auto: (compile now, why, the projected seconds of the training still to do, compiling
+    included): compile if the rest of the run gains more than compiling costs. Rank 0's projection
+    decides for every process."""
     gain = "--fsdp does not combine with compile" if run.settings.fsdp else \
-        compile_gain(run.device, run.precision, len(transformer_blocks(model)))
+        compile_gain(run.device, run.precision, len(transformer_blocks(unwrap(run.model))))
     if isinstance(gain, str):
-        run.compile_note = f"eager: {gain}"
-    else:
-        speedup, compile_seconds = gain
-        remaining = project(run, timed).train_seconds
-        saved = remaining * (1 - 1 / speedup)
-        compiling = from_main(saved > compile_seconds)
-        run.compile_note = (f"{'compiled' if compiling else 'eager'} after step {run.state.step}: the remaining "
-                            f"{remaining:.0f} s of training would gain about {saved:.0f} s at the {speedup}x measured "
-                            f"on {run.device.type} in {run.precision}, for about {compile_seconds:.0f} s of compiling")
-        if compiling:
-            compile_in_place(model)
+        return False, f"eager: {gain}", projection.train_seconds
+    speedup, compile_seconds = gain
+    saved = projection.train_seconds * (1 - 1 / speedup)
+    compiling = from_main(saved > compile_seconds)
+    note = (f"{'compiled' if compiling else 'eager'} after step {run.state.step}: the remaining "
+            f"{projection.train_seconds:.0f} s of training would gain about {saved:.0f} s at the {speedup}x measured on "
+            f"{run.device.type} in {run.precision}, for about {compile_seconds:.0f} s of compiling")
+    return compiling, note, projection.train_seconds - saved + compile_seconds if compiling else projection.train_seconds
+
+
+def decide_compile(run: Run, timed: list[tuple[float, float, int]]) -> None:
+    compiling, run.compile_note, _ = compile_decision(run, project(run, timed))
+    if compiling:
+        compile_in_place(unwrap(run.model))
     log.info("--compile auto: %s", run.compile_note)
 
 
@@ -600,6 +605,7 @@ def write_results(run: Run, scores: dict, state_mb: list[float]) -> None:
         "train_windows_per_s": state.windows_seen / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "train_flops": state.train_flops, "mfu": mfu(run, state.train_flops, state.train_seconds),
+        "eval_seconds": state.eval_seconds,
         "compile": run.compile_note or ("compiled" if run.settings.compile else "eager"),
         "padding_share": 1 - state.tokens_seen / max(state.padded_tokens_seen, 1),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # of rank 0's process
@@ -661,10 +667,13 @@ def dry_run(run: Run) -> dict:
               **memory_mb(run.device)}
     if timed:
         projection = project(run, timed[1:] or timed)
+        train_seconds, compile_note = projection.train_seconds, "compiled" if run.settings.compile else "eager"
+        if run.settings.compile is None:  # as the run will decide after its first steps
+            _, compile_note, train_seconds = compile_decision(run, projection)
         report.update(seconds_per_step=projection.seconds_per_step, tokens_per_s=projection.tokens_per_s * world_size(),
                       mfu=mfu(run, projection.flops_per_s * world_size(), 1.0), steps=projection.steps,
-                      projected_train_seconds=projection.train_seconds, evaluations=projection.evaluations,
-                      projected_eval_seconds=projection.eval_seconds)
+                      projected_train_seconds=train_seconds, compile=compile_note,
+                      evaluations=projection.evaluations, projected_eval_seconds=projection.eval_seconds)
     if verdict is None:
         headroom = report.get("free_mb", 0) + report.get("resident_mb", 0)  # what this process could still grow to
         fits = not headroom or report["peak_memory_mb"] < 0.9 * headroom
@@ -686,7 +695,8 @@ def describe_dry_run(report: dict, path: Path) -> str:
         lines += [f"  {report['seconds_per_step']:.3f} s per optimizer step, {report['tokens_per_s']:,.0f} tokens/s, "
                   f"MFU {utilisation}",
                   f"  projected: training {report['projected_train_seconds']:,.0f} s ({report['steps']} steps), "
-                  f"evaluation {report['projected_eval_seconds']:,.0f} s ({report['evaluations']} evaluations)"]
+                  f"evaluation {report['projected_eval_seconds']:,.0f} s ({report['evaluations']} evaluations)",
+                  f"  --compile: {report['compile']}"]
     lines += [f"  {report['verdict']}", f"  written to {path}; no checkpoint was saved"]
     return "\n".join(lines)
 

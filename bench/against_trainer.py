@@ -18,9 +18,10 @@ Tasks:
 - clm: SmolLM2-135M-Instruct (`smollm2-135m`) causal LM on WikiText-2 raw split by article (the last
   10% held out), `--steps` optimizer steps of 8 blocks of 256 tokens at lr 3e-5 for every run.
 
-A configuration is WHO-PRECISION[-ORDER]: `ours` (train.py) or `trainer`; `auto` (train.py's choice
-on this machine), `fp32` or `bf16`; `random` (the default: random batches, which train.py computes
-in length-sorted pieces) or `grouped` (--group-by-length; the Trainer's group_by_length). Default
+A configuration is WHO-PRECISION[-ORDER][-eager]: `ours` (train.py) or `trainer`; `auto` (train.py's
+choice on this machine), `fp32` or `bf16`; `random` (the default: random batches, which train.py
+computes in length-sorted pieces) or `grouped` (--group-by-length; the Trainer's group_by_length);
+`eager`: train.py with --no-compile (by default --compile auto compiles a run long enough to gain). Default
 configurations: squad, the four `ours` ones of fp32/bf16 and random/grouped, then trainer-bf16-grouped
 and trainer-fp32-grouped; clm, ours-fp32 and trainer-fp32. The ratios are against the first
 Trainer configuration listed.
@@ -51,13 +52,16 @@ CLM_BATCH, CLM_BLOCK, CLM_LEARNING_RATE = 8, 256, 3e-5
 
 
 def configuration(name: str) -> tuple[str, list[str]]:
-    """The script and flags of a configuration name (WHO-PRECISION[-ORDER])."""
-    who, precision, order, *rest = name.split("-") + ["random"]
-    if who not in ("ours", "trainer") or precision not in ("auto", "fp32", "bf16") or order not in ("random", "grouped") \
-            or rest not in ([], ["random"]):
-        sys.exit(f"error: configuration {name!r} is not ours|trainer-auto|fp32|bf16[-random|grouped]")
-    grouping = "--group-by-length" if order == "grouped" else "--no-group-by-length"
-    return TRAIN if who == "ours" else TRAINER, ["--precision", precision, grouping]
+    """The script and flags of a configuration name (WHO-PRECISION[-ORDER][-eager])."""
+    who, precision, *options = name.split("-") + [""]
+    options = [option for option in options if option]
+    if who not in ("ours", "trainer") or precision not in ("auto", "fp32", "bf16") \
+            or not set(options) <= {"random", "grouped", "eager"} or ("random" in options and "grouped" in options) \
+            or ("eager" in options and who != "ours"):
+        sys.exit(f"error: configuration {name!r} is not ours|trainer-auto|fp32|bf16[-random|grouped][-eager] (eager: "
+                 "ours only)")
+    flags = ["--precision", precision, "--group-by-length" if "grouped" in options else "--no-group-by-length"]
+    return TRAIN if who == "ours" else TRAINER, flags + (["--no-compile"] if "eager" in options else [])
 
 
 def task_flags(args, script: str) -> list[str]:

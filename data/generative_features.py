@@ -102,9 +102,10 @@ class GenerativeQAFeatures(Dataset):
                 self.input_ids.append(prompt)
                 self.labels.append(answer)
         self.lengths = np.array([len(ids) for ids in self.input_ids], dtype=np.int64)
-        # A seq2seq model's decoder reads the answer (training's labels) apart from the prompt.
-        self.target_lengths = (np.array([len(ids) for ids in self.labels], dtype=np.int64)
-                               if self.labels and not decoder_only else None)
+        # A seq2seq model's decoder reads the answer apart from the prompt: training's labels; none given
+        # at evaluation, where it generates them (for model FLOPs: models/flops.py).
+        self.target_lengths = None if decoder_only else np.array([len(ids) for ids in self.labels] if training else
+                                                                 [0] * len(self.input_ids), dtype=np.int64)
         # Windows that share a paragraph: training batches keep them apart (see data.batching).
         context_ids: dict[str, int] = {}
         self.paragraph_ids = np.array([context_ids.setdefault(examples[i].context, len(context_ids)) for i in self.example_index])

@@ -73,14 +73,14 @@ def test_tensorboard_compares_runs_by_their_settings(run_a):
     events.Reload()
     contents = {tag: HParamsPluginData.FromString(content) for tag, content in events.PluginTagToContent("hparams").items()}
     metrics = {info.name.tag for info in contents["_hparams_/experiment"].experiment.metric_infos}
-    assert metrics == {"eval/f1", "best/f1"}
+    assert metrics == {"eval/f1", "best/f1", "train/mfu", "train/stopped_early_at_step"}
     settings = contents["_hparams_/session_start_info"].session_start_info.hparams
     assert settings["learning_rate"].number_value == 3e-4 and settings["task"].string_value == "qa"
     assert settings["precision"].string_value == "fp32" and settings["lora"].bool_value is False
     assert settings["global_batch"].number_value == 8 and settings["trainable_parameters"].number_value > 0
     assert contents["_hparams_/session_end_info"].session_end_info.status == Status.STATUS_SUCCESS
     scalars = set(events.Tags()["scalars"])
-    assert {"eval/f1", "best/f1"} <= scalars and not any(tag.startswith("model/") for tag in scalars)
+    assert {"eval/f1", "best/f1", "train/mfu"} <= scalars and not any(tag.startswith("model/") for tag in scalars)
     best = [event.value for event in events.Scalars("best/f1")]
     assert best == [max(best[:i + 1]) for i in range(len(best))]  # the best so far, at every evaluation
 
