@@ -21,19 +21,19 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from clm.generation import SamplingSettings, generate_text, prompt_ids
+from clm.generation import SamplingSettings, check_max_new_tokens, generate_text, prompt_ids
 from data.squad import SquadExample, SquadExamples
 from data.text_files import read_text
 from engine.checkpoint import find_checkpoint, load_run_config, verified_checkpoint
 from engine.device import DeviceSettings, configure_device, out_of_memory_as_error, pick_device, pick_precision
 from engine.errors import UserError, run_cli
 from engine.files import atomic_write_text
-from engine.settings import parse, setting
-from models.backbones import load_tokenizer
-from models.build import load_trained_model, place
+from engine.settings import flag, parse, setting
+from models.backbones import load_config, load_tokenizer
+from models.build import load_trained_model, place, trained_model_source
 from qa.metrics import squad_scores
 from qa.styles import make_qa
-from qa.task import AnswerSettings, QATask
+from qa.task import AnswerSettings, QATask, check_qa_lengths
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,11 @@ def read_examples(settings: PredictSettings) -> list[SquadExample]:
 
 def load_checkpoint(settings: PredictSettings, generating: bool | None):
     """The run configuration, tokenizer and model of the checkpoint, checked against its manifest as
-    they load. `generating` None (interactive): whatever the checkpoint does, text generation for
-    --task clm."""
+    they load, and --input's or the command line's questions (None when `generating` is not False).
+    The flags are checked against the checkpoint's model configuration, and the questions read, before
+    the weights load. `generating` None (interactive): whatever the checkpoint does, text generation
+    for --task clm."""
+    read_questions = generating is False
     checkpoint = find_checkpoint(Path(settings.checkpoint), "best")
     with verified_checkpoint(checkpoint):
         run_config = load_run_config(checkpoint)
@@ -119,11 +122,34 @@ def load_checkpoint(settings: PredictSettings, generating: bool | None):
             why = (f"trained with --task {run_config['task']}; generate from it with --prompt" if run_config
                    else "no run_config.json")
             raise UserError(f"{checkpoint}: not a question-answering checkpoint written by train.py ({why})")
+        check_against_model(settings, run_config, generating, checkpoint)
+        examples = read_examples(settings) if read_questions else None
         tokenizer = load_tokenizer(str(checkpoint))
         if settings.chat and not tokenizer.chat_template:
             raise UserError(f"{checkpoint}: --chat needs a tokenizer with a chat template, and this one has none")
         model = load_trained_model(checkpoint, run_config)
-    return run_config, tokenizer, model, generating
+    return run_config, tokenizer, model, generating, examples
+
+
+def check_against_model(settings: PredictSettings, run_config: dict, generating: bool, checkpoint: Path) -> None:
+    """The flags given for answering or generating, against the checkpoint's way of answering and its
+    model's configuration (cheap: no weights)."""
+    config = load_config(trained_model_source(checkpoint, run_config))
+    if generating:
+        check_max_new_tokens(config, settings.checkpoint, settings.max_new_tokens)
+        return
+    if run_config.get("qa_style") == "extractive":
+        given = [flag(name) for name in ("max_answer_tokens", "num_beams") if getattr(settings, name) is not None]
+        if given:
+            raise UserError(f"{settings.checkpoint}: {' and '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                            "checkpoints that generate their answers; this one points at spans of the context")
+        return
+    if settings.null_score_diff_threshold is not None:
+        raise UserError(f"{settings.checkpoint}: --null-score-diff-threshold is for extractive checkpoints; this "
+                        "one generates its answers (an empty one is its 'no answer')")
+    if settings.max_answer_tokens is not None:
+        check_qa_lengths(config, settings.checkpoint, run_config["model_kind"], run_config["max_seq_length"], run_config["doc_stride"],
+                         settings.max_answer_tokens)
 
 
 def answering(run_config: dict, settings: PredictSettings) -> dict:
@@ -131,9 +157,6 @@ def answering(run_config: dict, settings: PredictSettings) -> dict:
     overrides = {"max_answer_tokens": settings.max_answer_tokens, "num_beams": settings.num_beams}
     run_config = {**run_config, **{name: value for name, value in overrides.items() if value is not None}}
     if settings.null_score_diff_threshold is not None:
-        if run_config.get("qa_style") != "extractive":
-            raise UserError(f"{settings.checkpoint}: --null-score-diff-threshold is for extractive checkpoints; this "
-                            "one generates its answers (an empty one is its 'no answer')")
         run_config.update(allow_null=True, null_threshold=settings.null_score_diff_threshold)
     return run_config
 
@@ -141,8 +164,9 @@ def answering(run_config: dict, settings: PredictSettings) -> dict:
 def generate(settings: PredictSettings, text: str, tokenizer, model, device, precision: str) -> None:
     """Continue `text` with a causal LM checkpoint (any train.py checkpoint of one)."""
     stream = settings.num_return_sequences == 1
-    texts = generate_text(model, tokenizer, prompt_ids(tokenizer, text, settings.chat), settings, device, precision,
-                          stream)
+    ids = prompt_ids(tokenizer, text, settings.chat)
+    check_max_new_tokens(model.config, settings.checkpoint, settings.max_new_tokens, len(ids))
+    texts = generate_text(model, tokenizer, ids, settings, device, precision, stream)
     if not stream:  # a streamed text ends with its own newline
         for number, generated in enumerate(texts, start=1):
             print(f"--- {number}\n{generated}")
@@ -224,11 +248,10 @@ def main(argv=None) -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     generating = None if is_interactive(settings) else settings.generating
-    examples = read_examples(settings) if generating is False else None  # checked before the slow loading
     if settings.output and not Path(settings.output).absolute().parent.is_dir():
         raise UserError(f"--output {settings.output}: the directory {Path(settings.output).absolute().parent} does "
                         "not exist")
-    run_config, tokenizer, model, generating = load_checkpoint(settings, generating)
+    run_config, tokenizer, model, generating, examples = load_checkpoint(settings, generating)
     device = pick_device(settings.device)
     precision, _ = pick_precision(settings.precision, device)
     configure_device(device)

@@ -6,6 +6,7 @@ import torch
 
 from engine.device import autocast_for_pass
 from engine.settings import setting
+from models.limits import check_positions
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,13 @@ class SamplingSettings:
     top_p: float = setting(0.95, "sample among the most likely tokens that make up this probability")
     num_return_sequences: int = setting(1, "texts to generate (more than 1 are printed at the end)", at_least=1)
     seed: int = setting(0, "sampling seed: the same seed gives the same text")
+
+
+def check_max_new_tokens(config, model: str, max_new_tokens: int, prompt_tokens: int = 1) -> None:
+    """The generated tokens follow the prompt in the positions of `model` (models/limits.py); before the
+    prompt is known, it has at least one token (see `prompt_ids`)."""
+    check_positions(config, model, {"--max-new-tokens": max_new_tokens,
+                                    "prompt token" if prompt_tokens == 1 else "prompt tokens": prompt_tokens})
 
 
 def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:

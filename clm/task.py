@@ -16,6 +16,8 @@ from engine.errors import UserError
 from engine.settings import TRAJECTORY, setting
 from engine.task import Task
 from models.backbones import DECODER_ONLY, architecture, load_config, load_tokenizer
+from models.build import check_transfer
+from models.limits import check_positions, positions
 
 
 @dataclass(frozen=True)
@@ -52,14 +54,13 @@ class CLMTask(Task):
         if kind != DECODER_ONLY:
             raise UserError(f"--task clm: {settings.model} is an {kind} model ({config.model_type}); causal language "
                             "modelling needs a decoder-only one (smollm2-135m, GPT-2, Llama, Qwen)")
+        block_size = settings.block_size or min(1024, positions(config) or 1024)
+        check_positions(config, settings.model, {"--block-size": block_size})
+        check_transfer(settings, config, "causal-lm")
         self.tokenizer = load_tokenizer(model_source)
         if self.tokenizer.eos_token_id is None:
             raise UserError(f"--task clm: the tokenizer of {settings.model} has no end-of-sequence token, which separates "
                             "the documents of a training stream")
-        context = getattr(config, "max_position_embeddings", None)
-        block_size = settings.block_size or min(1024, context or 1024)
-        if context and block_size > context:
-            raise UserError(f"--block-size {block_size} is above the model's context of {context} tokens")
         train_documents, eval_documents, key = self._sources(settings)
         cache = Path(settings.cache_dir)
         train_tokens = token_stream(train_documents, self.tokenizer, cache, {**key, "part": "train"})

@@ -51,8 +51,6 @@ class GenerativeQAFeatures(Dataset):
         source: str = "",
     ):
         """`source` names the examples' file in error messages."""
-        if doc_stride >= max_seq_length:
-            raise UserError(f"--doc-stride {doc_stride} must be smaller than --max-seq-length {max_seq_length}")
         if tokenizer.eos_token_id is None:
             raise UserError("the tokenizer has no EOS token, so generated answers could not end")
         self.examples = examples

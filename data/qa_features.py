@@ -20,8 +20,6 @@ class SquadFeatures(Dataset):
         self, examples: list[SquadExample], tokenizer, max_seq_length: int = 384, doc_stride: int = 128, source: str = ""
     ):
         """`source` names the examples' file in error messages."""
-        if doc_stride >= max_seq_length:
-            raise UserError(f"--doc-stride {doc_stride} must be smaller than --max-seq-length {max_seq_length}")
         self.examples = examples
         self.pad_token_id = tokenizer.pad_token_id
         questions = [e.question.lstrip() for e in examples]  # leading spaces only waste window room
@@ -82,7 +80,8 @@ class SquadFeatures(Dataset):
 
 
 def _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride, source):
-    """Each window must hold the question and more than `doc_stride` context tokens."""
+    """Each window must hold the question and more than `doc_stride` context tokens (a stride below the
+    window is checked with the flags, qa/task.py)."""
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     limit = max_seq_length - specials - doc_stride - 1
     lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]

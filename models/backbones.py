@@ -91,8 +91,8 @@ def _write_dequantized(path: Path, target: Path, unwritable: str) -> None:
     location, gguf = str(path.parent), {"gguf_file": path.name}
     try:
         config = AutoConfig.from_pretrained(location, **gguf)
-        auto_class = AutoModelForSeq2SeqLM if architecture(config) == ENCODER_DECODER else AutoModelForCausalLM
-        model = auto_class.from_pretrained(location, **gguf)
+        model_class = AutoModelForSeq2SeqLM if architecture(config) == ENCODER_DECODER else AutoModelForCausalLM
+        model = model_class.from_pretrained(location, **gguf)
         tokenizer = AutoTokenizer.from_pretrained(location, **gguf)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the GGUF file {path}: {_first_line(error)}") from None
@@ -161,6 +161,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def auto_class(kind: str):
+    """The transformers class that builds a model of `kind`: span, seq2seq or causal-lm."""
+    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM
+
+    return {"span": AutoModelForQuestionAnswering, "seq2seq": AutoModelForSeq2SeqLM, "causal-lm": AutoModelForCausalLM}[kind]
+
+
 # Names the encoder configs use for dropout on the attention probabilities.
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
 
@@ -172,17 +179,13 @@ def load_model(path: str, kind: str, attention_dropout: float | None = None):
     value: with 0, attention runs as one fused kernel; with dropout it materialises every attention
     matrix and draws a random mask for it, which took a third of a MiniLM training step on a 2-core CPU.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM
-
-    auto_class = {"span": AutoModelForQuestionAnswering, "seq2seq": AutoModelForSeq2SeqLM,
-                  "causal-lm": AutoModelForCausalLM}[kind]
     config = load_config(path)
     if attention_dropout is not None:
         for key in ATTENTION_DROPOUT_KEYS:
             if hasattr(config, key):
                 setattr(config, key, attention_dropout)
     try:
-        model, info = auto_class.from_pretrained(path, config=config, output_loading_info=True)
+        model, info = auto_class(kind).from_pretrained(path, config=config, output_loading_info=True)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load a {kind} model from {path!r}: {_first_line(error)}") from None
     missing = sorted({key.split(".")[0] for key in info["missing_keys"]})

@@ -13,6 +13,8 @@ from engine.files import atomic_write_text
 from engine.settings import HPARAM, TRAJECTORY, setting
 from engine.task import Task
 from models.backbones import load_config, load_tokenizer
+from models.build import check_transfer
+from models.limits import check_positions
 from qa.metrics import best_null_thresholds, squad_scores
 from qa.styles import QA_STYLES, choose_qa_style, make_qa
 
@@ -42,7 +44,7 @@ class QASettings(AnswerSettings):
                                            at_least=1)
     max_seq_length: int = setting(384, "tokens per window (question + context)", at_least=1, roles=(TRAJECTORY,))
     doc_stride: int = setting(128, "tokens of overlap between consecutive windows of a long context",
-                              roles=(TRAJECTORY,))
+                              at_least=0, roles=(TRAJECTORY,))
     n_best: int = setting(20, "extractive: start and end candidates per window in the span search", at_least=1)
     max_answer_length: int = setting(30, "extractive: longest answer span, in tokens", at_least=1)
     prompt_template: str | None = setting(
@@ -68,14 +70,19 @@ class QATask(Task):
         return "smollm2-135m" if settings.qa_style == "generative" else "minilm-l6"
 
     def __init__(self, settings, model_source: str, saved_run_config: dict | None):
-        # Data first: a mistake in a file is reported before minutes are spent loading a model.
+        # The flags against the model's configuration (cheap), then the data: a mistake in either is
+        # reported before minutes are spent loading a model.
+        config = load_config(model_source)
+        qa_style, model_kind = choose_qa_style(config, settings.qa_style)
+        check_qa_lengths(config, settings.model, model_kind, settings.max_seq_length, settings.doc_stride,
+                         settings.max_answer_tokens)
+        check_transfer(settings, config, model_kind)
         if settings.dataset:
             train_examples = SquadExamples.load(settings.dataset, "train", settings.max_train_samples)
             self.eval_examples = SquadExamples.load(settings.dataset, "validation", settings.max_eval_samples)
         else:
             train_examples = SquadExamples.load(settings.train_file, max_samples=settings.max_train_samples)
             self.eval_examples = SquadExamples.load(settings.validation_file, max_samples=settings.max_eval_samples)
-        qa_style, model_kind = choose_qa_style(load_config(model_source), settings.qa_style)
         self.tokenizer = load_tokenizer(model_source)
         allow_null = train_examples.has_unanswerable or self.eval_examples.has_unanswerable
         self.run_config = qa_run_config(settings, qa_style, model_kind, allow_null)
@@ -147,6 +154,26 @@ def score_predictions(predictions: dict, examples: list, null_threshold: float |
     scores = {**squad_scores(answers, examples), **best_null_thresholds(spans, null_odds, examples),
               "null_threshold": null_threshold}
     return answers, scores, null_odds
+
+
+def check_qa_lengths(config, model: str, model_kind: str, max_seq_length: int, doc_stride: int,
+                     max_answer_tokens: int) -> None:
+    """The window flags against each other and against the positions of `model` (models/limits.py):
+    an encoder's window; a seq2seq model's prompt (its encoder's input) and the answer its decoder
+    writes after its start token; a decoder-only model's prompt and answer, one sequence.
+
+    Whether a question leaves room for context in a window depends on the tokenizer and the data
+    (data/qa_features.py). --max-answer-length and --n-best need no limit: a span longer than the
+    window, or more candidates than it has tokens, cannot occur, and the search takes what there is.
+    """
+    if doc_stride >= max_seq_length:
+        raise UserError(f"--doc-stride {doc_stride} must be smaller than --max-seq-length {max_seq_length}")
+    if model_kind == "causal-lm":
+        check_positions(config, model, {"--max-seq-length": max_seq_length, "--max-answer-tokens": max_answer_tokens})
+        return
+    check_positions(config, model, {"--max-seq-length": max_seq_length})
+    if model_kind == "seq2seq":
+        check_positions(config, model, {"--max-answer-tokens": max_answer_tokens, "decoder start token": 1})
 
 
 def qa_run_config(settings, qa_style: str, model_kind: str, allow_null: bool) -> dict:

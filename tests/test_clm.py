@@ -157,7 +157,7 @@ def test_nothing_held_out_is_one_error_line(tmp_path, tiny_llama_dir):
     ("Only a few words here.", ["--block-size", "512"], ["shorter than one block"]),
     ('{"body": "text"}\n', ["--text-field", "text"], ["no field 'text'"]),
     (b"caf\xe9\n", [], ["not UTF-8"]),
-    (TEXT, ["--block-size", "4096"], ["--block-size 4096", "context"]),
+    (TEXT, ["--block-size", "4096"], ["--block-size 4096", "1024 positions"]),
 ])
 def test_unusable_corpora_are_one_error_line(tmp_path, tiny_llama_dir, content, flags, mentions):
     path = tmp_path / ("corpus.jsonl" if "--text-field" in flags else "corpus.txt")

@@ -95,12 +95,6 @@ def test_leading_spaces_of_questions_are_dropped(tokenizer):
     assert plain.input_ids == padded.input_ids
 
 
-def test_doc_stride_must_be_smaller_than_window(tokenizer):
-    example = SquadExample("a", "", "Some text.", "What?", ("text",), (5,))
-    with pytest.raises(UserError, match="doc-stride"):
-        SquadFeatures([example], tokenizer, max_seq_length=64, doc_stride=64)
-
-
 def test_too_long_question_is_rejected_with_its_id(tokenizer):
     question = " ".join(["word"] * 40) + "?"
     example = SquadExample("long-q", "", "Some text about words.", question, ("words",), (16,))
