@@ -131,8 +131,8 @@ def test_held_out_validation_documents_are_seeded_and_disjoint(tmp_path):
     def split(seed):
         args = SimpleNamespace(dataset=None, line_by_line=False, text_field="text", train_file=str(path),
                                validation_file=None, validation_split=0.25, seed=seed)
-        train_documents, validation_documents, _ = CLMTask._sources(args)
-        return list(train_documents), list(validation_documents)
+        train_source, validation_source, _ = CLMTask._sources(args)
+        return list(train_source.documents()), list(validation_source.documents())
 
     train_documents, validation_documents = split(seed=1)
     assert sorted(train_documents + validation_documents) == sorted(f"Document number {i}." for i in range(200))
