@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from data.text_files import read_errors_reported, text_lines
 from engine.files import atomic_write_text, publish
 from engine.errors import UserError
 from engine.progress import progress
+from engine.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +30,24 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENIZE_BATCH = 256  # documents per tokenizer call: fast batched encoding, bounded memory
 
 
+@dataclass(frozen=True)
+class TokenCacheSettings:
+    """token cache (causal LM: train.py and predict.py)"""
+
+    cache_dir: str = setting("outputs/token-cache", "where tokenized corpora are cached")
+
+
 def source_files(source: str) -> list[Path]:
     """The files of a source: a file, or every .txt/.jsonl(.gz) file below a directory, sorted."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) in TEXT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and base_suffix(p) in TEXT_SUFFIXES)
         if not files:
             raise UserError(f"{source}: no .txt or .jsonl files (optionally .gz) in this directory")
         return files
     if not path.is_file():
         raise UserError(f"{source}: no such file or directory")
-    if _base_suffix(path) not in TEXT_SUFFIXES:
+    if base_suffix(path) not in TEXT_SUFFIXES:
         raise UserError(f"{source}: expected a .txt or .jsonl file (optionally .gz) or a directory of them")
     return [path]
 
@@ -47,7 +56,7 @@ def read_documents(path: Path, line_by_line: bool = False, text_field: str | Non
     """The documents of one file: blank-line-separated paragraphs of a text file (or its non-empty
     lines with `line_by_line`), or the `text_field` of each JSON Lines record. The file is read line
     by line, so it never has to fit in memory."""
-    if _base_suffix(path) == ".jsonl":
+    if base_suffix(path) == ".jsonl":
         yield from _jsonl_documents(path, text_field or "text")
         return
     paragraph = []
@@ -108,7 +117,7 @@ def _strings(value, where: str, text_field: str) -> list[str]:
     raise UserError(f"{where}: field {text_field!r} holds {type(value).__name__}, not text")
 
 
-def _base_suffix(path: Path) -> str:
+def base_suffix(path: Path) -> str:
     return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 

@@ -106,11 +106,12 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def parser(cls, description: str, as_trained: type | None = None) -> Parser:
+def parser(cls, description: str, as_trained: tuple[type, ...] = ()) -> Parser:
     """The command line of `cls`: one argument group per class that declares fields, in the order
-    of its bases. The fields of `as_trained` default to the checkpoint's values (None here)."""
+    of its bases. The fields of the `as_trained` classes default to the checkpoint's values (None
+    here; `trained` fills them in)."""
     p = Parser(description=description, formatter_class=HelpFormatter)
-    declared = set()
+    declared, trained_names = set(), {f.name for klass in as_trained for f in dataclasses.fields(klass)}
     for klass in cls.__mro__:
         own = [f for f in settings_fields(klass) if f.name in inspect.get_annotations(klass)
                and f.name not in declared] if dataclasses.is_dataclass(klass) else []
@@ -124,7 +125,7 @@ def parser(cls, description: str, as_trained: type | None = None) -> Parser:
             if value_type is tuple:
                 default = ",".join(default)
             help = meta["help"]
-            if as_trained is not None and field.name in {f.name for f in dataclasses.fields(as_trained)}:
+            if field.name in trained_names:
                 default, help = None, f"{help} (default: as trained)"
             options = {"default": default, "help": help.replace("%", "%%")}
             if value_type is bool:
@@ -139,7 +140,7 @@ def parser(cls, description: str, as_trained: type | None = None) -> Parser:
     return p
 
 
-def parse(cls, argv: list[str], description: str, as_trained: type | None = None):
+def parse(cls, argv: list[str], description: str, as_trained: tuple[type, ...] = ()):
     """`cls` from the command line. When `cls` has a `config` field, the flags of the `--config` file
     come first, so that the command line's win."""
     p = parser(cls, description, as_trained)
@@ -152,6 +153,16 @@ def parse(cls, argv: list[str], description: str, as_trained: type | None = None
             argv = config_argv(p, read_config(config), config) + argv
     namespace = p.parse_args(argv)
     return cls(**{f.name: getattr(namespace, f.name) for f in settings_fields(cls)})
+
+
+def trained(cls, settings, run_config: dict):
+    """`cls` (an `as_trained` class) as a checkpoint runs: each flag as given, else as the checkpoint's
+    run configuration saved it, else its default (a base model, or a checkpoint older than the flag)."""
+    def value(field: dataclasses.Field):
+        given = getattr(settings, field.name)
+        return given if given is not None else run_config.get(field.name, field.default)
+
+    return cls(**{f.name: value(f) for f in settings_fields(cls)})
 
 
 def read_config(path: Path) -> dict:

@@ -62,14 +62,14 @@ def single_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun_command(*args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+def torchrun_command(*args, script: str = "train.py") -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
             *map(str, args)]
 
 
-def run_torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=single_thread_env())
+def run_torchrun(*args, timeout: int = 300, script: str = "train.py") -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args, script=script), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=single_thread_env())
 
 
 def run_single(*args, timeout: int = 300) -> subprocess.CompletedProcess:

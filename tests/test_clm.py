@@ -1,6 +1,7 @@
 """Causal language modelling end to end on the tiny Llama: perplexity against a hand computation,
-token-normalised gradient accumulation, a short run lowering perplexity, seeded generation, and
-one-line errors for unusable corpora. (Exact resume: tests/test_resume.py.)"""
+token-normalised gradient accumulation, a short run lowering perplexity, seeded generation,
+predict.py's perplexity of a file equal to training's (one process or two), and one-line errors for
+unusable corpora. (Exact resume: tests/test_resume.py.)"""
 import io
 import json
 import math
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PREDICT_FLAGS, one_line, predict_output
+from conftest import PREDICT_FLAGS, SAMPLES, one_line, predict_output
+from runs import run_torchrun, succeeded
 
 import predict
 import train
@@ -76,9 +78,21 @@ def test_grad_accumulation_equals_one_batch_k_times_larger(tiny_llama_dir, tiny_
 
 
 @pytest.fixture(scope="module")
-def clm_run(tmp_path_factory, tiny_llama_dir):
+def clm_texts(tmp_path_factory):
+    """The shipped text sample as a training file and a validation file of its last paragraphs."""
+    directory = tmp_path_factory.mktemp("clm-texts")
+    paragraphs = (SAMPLES / "text_sample.txt").read_text(encoding="utf-8").split("\n\n")
+    train_file, validation_file = directory / "train.txt", directory / "validation.txt"
+    train_file.write_text("\n\n".join(paragraphs[:-4]), encoding="utf-8")
+    validation_file.write_text("\n\n".join(paragraphs[-4:]), encoding="utf-8")
+    return SimpleNamespace(train=train_file, validation=validation_file)
+
+
+@pytest.fixture(scope="module")
+def clm_run(tmp_path_factory, tiny_llama_dir, clm_texts):
     output_dir = tmp_path_factory.mktemp("clm")
-    train.main(["--task", "clm", "--model", str(tiny_llama_dir), "--block-size", "64", "--max-steps", "40",
+    train.main(["--task", "clm", "--model", str(tiny_llama_dir), "--train-file", str(clm_texts.train),
+                "--validation-file", str(clm_texts.validation), "--block-size", "64", "--max-steps", "40",
                 "--batch-size", "8", "--learning-rate", "1e-2", "--device", "cpu", "--precision", "fp32",
                 "--output-dir", str(output_dir), "--cache-dir", str(output_dir / "cache")])
     return output_dir
@@ -112,6 +126,67 @@ def test_an_interactive_session_continues_each_prompt_line(clm_run, capsys, monk
         one_shot.append(capsys.readouterr().out.strip("\n"))
     assert session == one_shot and all(one_shot)
 
+def scores(*args, cache_dir) -> dict:
+    """predict.py --json's scores of a text, on the CPU in fp32, run in this process."""
+    return json.loads(predict_output(*args, "--json", "--cache-dir", cache_dir, *PREDICT_FLAGS)[0])
+
+
+def test_predict_scores_a_file_as_training_evaluated_it(clm_run, clm_texts, tiny_llama_dir, tmp_path):
+    """The run's validation file scored by predict.py: the final evaluation's perplexity, printed as
+    training printed it; and the base model's, the evaluation before training."""
+    results = json.loads((clm_run / "results.json").read_text())
+    output = tmp_path / "scores.json"
+    out, _ = predict_output("--checkpoint", clm_run, "--input", clm_texts.validation, "--output", output,
+                            "--cache-dir", tmp_path, *PREDICT_FLAGS)
+    assert out == f"{clm_texts.validation}: {CLMTask.describe(results['eval'])} (blocks of 64)\n"
+    base = scores("--checkpoint", tiny_llama_dir, "--input", clm_texts.validation, "--block-size", "64", cache_dir=tmp_path)
+    for found, reported in ((json.loads(output.read_text()), results["eval"]), (base, results["initial_eval"])):
+        assert found["tokens"] == reported["tokens"]
+        assert found["loss"] == pytest.approx(reported["loss"], rel=1e-6)
+        assert found["perplexity"] == pytest.approx(reported["perplexity"], rel=1e-6)
+
+
+def test_a_base_model_scores_the_blocks_perplexity_scores(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    """A model directory without run_config.json: its zero-shot perplexity, over the blocks of
+    --block-size (default: min(1024, its context of 1024))."""
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    model = load_model(str(tiny_llama_dir), "causal-lm")
+    for flags, block_size in (([], 1024), (["--block-size", "16"], 16)):
+        blocks = GroupedTextBlocks(token_ids(tiny_tokenizer), block_size)
+        expected = perplexity(model, blocks, tiny_tokenizer.pad_token_id, torch.device("cpu"), "fp32", batch_size=3)
+        found = scores("--checkpoint", tiny_llama_dir, "--input", path, *flags, cache_dir=tmp_path)
+        assert found["tokens"] == expected["tokens"] == len(token_ids(tiny_tokenizer)) - 1
+        assert found["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+
+
+def test_two_processes_score_as_one(clm_run, clm_texts, tmp_path):
+    """torchrun: each process a share of the batches (5 blocks each, an odd number of batches), rank
+    0 alone prints."""
+    flags = ["--checkpoint", clm_run, "--input", clm_texts.validation, "--batch-size", "5"]
+    two = succeeded(run_torchrun(*flags, "--json", "--cache-dir", tmp_path, *PREDICT_FLAGS, script="predict.py"))
+    one = scores(*flags, cache_dir=tmp_path)
+    assert -(-one["tokens"] // 64) > 10  # blocks: at least 3 batches of 5
+    found = json.loads(two.stdout)
+    assert found["tokens"] == one["tokens"] and found["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("content, mentions", [
+    ("", ["text.txt", "no text"]),
+    (" \n\n \n", ["text.txt", "no text"]),
+    (None, ["squad_validation.json", "question-answering checkpoint", "causal LM checkpoint"]),
+])
+def test_text_predict_cannot_score_is_one_error_line(clm_run, tmp_path, content, mentions):
+    path = tmp_path / "text.txt"
+    if content is None:
+        path = SAMPLES / "squad_validation.json"
+    else:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        predict.main(["--checkpoint", str(clm_run), "--input", str(path), "--cache-dir", str(tmp_path), *PREDICT_FLAGS])
+    one_line(error, *mentions)
+
+
 @pytest.mark.parametrize("transfer", [["--lora"], ["--train-last-layers", "1"]])
 def test_lora_and_freezing_train_a_part_and_predict_loads_it(tmp_path, tiny_llama_dir, transfer):
     output_dir = tmp_path / "out"
@@ -131,8 +206,8 @@ def test_held_out_validation_documents_are_seeded_and_disjoint(tmp_path):
     def split(seed):
         args = SimpleNamespace(dataset=None, line_by_line=False, text_field="text", train_file=str(path),
                                validation_file=None, validation_split=0.25, seed=seed)
-        train_documents, validation_documents, _ = CLMTask._sources(args)
-        return list(train_documents), list(validation_documents)
+        train_source, validation_source, _ = CLMTask._sources(args)
+        return list(train_source.documents()), list(validation_source.documents())
 
     train_documents, validation_documents = split(seed=1)
     assert sorted(train_documents + validation_documents) == sorted(f"Document number {i}." for i in range(200))

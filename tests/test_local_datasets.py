@@ -1,11 +1,11 @@
 """train.py --dataset DIR: datasets written with the real `datasets` library (save_to_disk, folders of
-Parquet, JSON Lines or CSV files), for both tasks, read offline."""
+Parquet, JSON Lines or CSV files), for both tasks, read offline; predict.py --dataset on a causal LM."""
 import json
 
 import pytest
 
 import train
-from conftest import VALIDATION_SAMPLE, tiny_args
+from conftest import PREDICT_FLAGS, VALIDATION_SAMPLE, predict_output, tiny_args
 from data.squad import SquadExamples
 
 
@@ -55,3 +55,9 @@ def test_clm_trains_on_a_folder_of_files(tiny_llama_dir, tmp_path, form):
                 "--cache-dir", str(tmp_path / "cache")])
     results = json.loads((output / "results.json").read_text())
     assert results["steps"] == 2 and results["eval"]["tokens"] > 0
+    # predict.py scores the validation split as the run's final evaluation did
+    out, _ = predict_output("--checkpoint", output, "--dataset", directory, "--json", "--cache-dir", tmp_path / "cache",
+                            *PREDICT_FLAGS)
+    scores = json.loads(out)
+    assert scores["tokens"] == results["eval"]["tokens"]
+    assert scores["loss"] == pytest.approx(results["eval"]["loss"], rel=1e-6)

@@ -97,6 +97,14 @@ def test_input_with_answers_is_scored(checkpoint, tmp_path):
     assert "F1" in err and "on 59 questions" in err
 
 
+def test_text_to_score_given_to_a_qa_checkpoint_is_one_line(checkpoint, tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("A paragraph of plain text.\n", encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        predict.main(["--checkpoint", str(checkpoint), "--input", str(path), *FLAGS])
+    one_line(error, str(path), "answers questions", "causal LM checkpoint")
+
+
 def test_missing_checkpoint(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(UserError) as error:
