@@ -17,14 +17,17 @@ What is counted: matrix products only, 2 FLOPs per multiply-add.
   forward recomputed by activation checkpointing (model FLOPs, not hardware FLOPs).
 
 Which module sees which tokens, and whose input requires grad, is read from one forward pass of the
-model on the meta device (no memory, no arithmetic, no random draws), with its parameters' own
-`requires_grad`: HF models do not register their modules in execution order (Llama's input norm
-comes after its attention), and parallel projections (query, key, value) share an input.
+model on fake tensors (shapes without data: no memory, no arithmetic, no random draws), with its
+parameters' own `requires_grad`: HF models do not register their modules in execution order
+(Llama's input norm comes after its attention), and parallel projections (query, key, value) share
+an input. On fake tensors, as when compiling, transformers skips its checks that read data (packed
+sequences, skippable masks), which meta tensors could not answer.
 """
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers.pytorch_utils import Conv1D
 
 from models.backbones import ENCODER_DECODER, architecture
@@ -108,8 +111,8 @@ def sequence_flops(model: torch.nn.Module) -> SequenceFlops:
 
 
 def traced_linear_calls(model: torch.nn.Module, encoder_decoder: bool) -> list[LinearCall]:
-    """Every call of a linear module in a forward pass of one sequence, run with the model's parameters
-    and buffers replaced by meta tensors (with the same `requires_grad`), eagerly even if compiled."""
+    """Every call of a linear module in a forward pass of one sequence, run on fake tensors in place of
+    the model's parameters and buffers (with the same `requires_grad`), eagerly even if compiled."""
     calls = []
 
     def record(module, args, kwargs):
@@ -125,15 +128,15 @@ def traced_linear_calls(model: torch.nn.Module, encoder_decoder: bool) -> list[L
 
     hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
              for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
-    on_meta = {name: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad)
-               for name, p in model.named_parameters()}
-    on_meta.update({name: torch.empty_like(b, device="meta") for name, b in model.named_buffers()})
-    inputs = {"input_ids": torch.zeros(1, TRACED_TOKENS, dtype=torch.long, device="meta")}
-    if encoder_decoder:
-        inputs["decoder_input_ids"] = torch.zeros(1, TRACED_TARGETS, dtype=torch.long, device="meta")
     try:
-        with torch.enable_grad(), torch.compiler.set_stance("force_eager"):
-            torch.func.functional_call(model, on_meta, (), inputs)
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad(), torch.compiler.set_stance("force_eager"):
+            fake = {name: torch.empty(p.shape, dtype=p.dtype).requires_grad_(p.requires_grad)
+                    for name, p in model.named_parameters()}
+            fake.update({name: torch.empty(b.shape, dtype=b.dtype) for name, b in model.named_buffers()})
+            inputs = {"input_ids": torch.zeros(1, TRACED_TOKENS, dtype=torch.long)}
+            if encoder_decoder:
+                inputs["decoder_input_ids"] = torch.zeros(1, TRACED_TARGETS, dtype=torch.long)
+            torch.func.functional_call(model, fake, (), inputs)
     finally:
         for hook in hooks:
             hook.remove()

@@ -14,7 +14,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, A
                           GPT2Config, LlamaConfig, T5Config)
 
 from models.flops import sequence_flops
-from models.transfer import add_lora, freeze
+from models.transfer import add_lora, enable_activation_checkpointing, freeze
 
 BATCH, LENGTH, TARGET_LENGTH = 2, 96, 40
 VOCAB = 128
@@ -126,6 +126,30 @@ def test_the_same_on_the_meta_device_and_compiled():
     compiled = build("t5")
     compiled.compile()
     assert computed_flops(compiled, training=True) == expected
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_activation_checkpointing_counts_no_recomputation(family):
+    """Checkpointing a LoRA model makes its embeddings' output require grad (transformers'
+    `enable_input_require_grads`), so autograd computes the first layer's input gradients too: they
+    count, the recomputed forward does not. (In training mode, without a cache, transformers also
+    looks for packed sequences in the positions: a read of data, skipped on fake tensors.)"""
+    model = build(family, "lora")
+    enable_activation_checkpointing(model)
+    model.train()
+    without_checkpointing = build(family, "lora")
+    without_checkpointing.enable_input_require_grads()
+    counted = counted_flops(without_checkpointing, batch_of(family), training=True)
+    assert computed_flops(model, training=True) == pytest.approx(counted, rel=0.05)
+    assert computed_flops(model, training=True) > computed_flops(build(family, "lora"), training=True)
+
+
+def test_the_trace_draws_no_random_numbers():
+    model = build("bert")
+    model.train()  # dropout on
+    state = torch.get_rng_state()
+    sequence_flops(model)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_an_encoder_decoder_model_needs_the_decoder_lengths():
