@@ -11,8 +11,11 @@ What is counted: matrix products only, 2 FLOPs per multiply-add.
   a T5 decoder layer adds cross-attention, 4 x L_decoder x L_encoder x inner.
 - Backward: the weight gradient (2 x in x out per token) of each linear weight that requires grad,
   the input gradient (the same again) of each linear module whose input requires grad, and twice
-  the forward attention of each layer that computes a backward. Freezing and LoRA count right:
-  LoRA's A and B are linear modules, and a frozen layer before every trainable one has no backward.
+  the forward attention of each layer that computes a backward (one of its linear modules does).
+  Freezing and LoRA count right: LoRA's A and B are linear modules, and a frozen layer before every
+  trainable one has no backward. One approximation: a frozen T5 decoder layer whose cross-attention
+  reads a training encoder counts a backward for its self-attention too (1.5% over autograd's count
+  in tests/test_flops.py's last-layer T5).
 - Not counted: embedding lookups, norms, activations, softmax, the loss, the optimizer, and the
   forward recomputed by activation checkpointing (model FLOPs, not hardware FLOPs).
 
