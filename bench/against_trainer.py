@@ -25,8 +25,8 @@ computes in length-sorted pieces) or `grouped` (--group-by-length; the Trainer's
 configurations: squad, the four `ours` ones of fp32/bf16 and random/grouped, then trainer-bf16-grouped
 and trainer-fp32-grouped; clm, ours-fp32 and trainer-fp32. The ratios are against the first
 Trainer configuration listed.
-Model FLOPs per training token: 6 x linear-layer parameters + 12 x layers x hidden x the mean
-window (squad) or block (clm), read against the fp32 matmul peak measured here. With `--repeats N`
+Model FLOPs per training token: models/flops.py's training FLOPs of a sequence of the mean window
+(squad) or block (clm), per token, read against the fp32 matmul peak measured here (engine/device.py). With `--repeats N`
 each cell is the median of N runs. Writes a Markdown report to stdout and to `--report`.
 """
 import argparse
@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `bench` and the product
-from bench.harness import (ROOT, TRAIN, TRAINER, existing_file, machine_line, matmul_peak_flops, median,  # noqa: E402
-                           model_on_meta, run_training, split_squad, split_wikitext, table, training_flops_per_token,
-                           write_report)
+from bench.harness import (ROOT, TRAIN, TRAINER, existing_file, machine_line, median, model_on_meta,  # noqa: E402
+                           run_training, split_squad, split_wikitext, table, write_report)
 from data.squad import SquadExamples  # noqa: E402
+from engine.device import peak_flops  # noqa: E402
+from models.flops import sequence_flops  # noqa: E402
 from qa.metrics import best_null_thresholds, squad_scores  # noqa: E402
 
 DEFAULT_CONFIGS = {"squad": "ours-fp32-random,ours-fp32-grouped,ours-bf16-random,ours-bf16-grouped,"
@@ -154,15 +155,15 @@ def main():
     first = next(iter(runs.values()))[0]
     if args.task == "squad":
         mean_window = round(first["train_tokens_per_s"] / first["train_windows_per_s"])
-        flops_per_token = training_flops_per_token(model_on_meta("minilm-l6", "span"), mean_window)
+        flops_per_token = sequence_flops(model_on_meta("minilm-l6", "span")).training([mean_window])[0] / mean_window
         header = ["EM", "F1"] + (["HasAns F1", "NoAns F1", "best EM (threshold)", "best F1 (threshold)"] if v2 else [])
         settings = "MiniLM-L6-H384 (`minilm-l6`), 1 epoch of batch 16 at lr 3e-4"
     else:
-        flops_per_token = training_flops_per_token(model_on_meta("smollm2-135m", "causal-lm"), CLM_BLOCK)
+        flops_per_token = sequence_flops(model_on_meta("smollm2-135m", "causal-lm")).training([CLM_BLOCK])[0] / CLM_BLOCK
         header = ["validation perplexity"] + ([f"perplexity vs {reference}"] if reference else [])
         settings = (f"SmolLM2-135M-Instruct (`smollm2-135m`), {args.steps} optimizer steps of {CLM_BATCH} x {CLM_BLOCK} "
                     f"tokens at lr {CLM_LEARNING_RATE:.0e}")
-    peak = matmul_peak_flops(torch.float32)
+    peak = peak_flops(torch.device("cpu"), "fp32")[0]
     rows = []
     for name, r in runs.items():
         share = flops_per_token * median(r, "train_tokens_per_s") / peak

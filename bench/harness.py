@@ -141,26 +141,6 @@ def cpu_description() -> str:
             f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 
-def matmul_peak_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a square `torch.mm` at `dtype` with this process's threads: the fastest of `repeats`
-    after a warm-up, as the machine's practical peak (on a shared VM the median moves by a third)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / min(seconds_per_call(lambda: torch.mm(a, b), repeats, summary=None))
-
-
-def matmul_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the linear layers: the weights every token is multiplied by (embeddings are
-    lookups; a head tied to the embedding is one linear module, counted once)."""
-    return sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
-
-
-def training_flops_per_token(model: torch.nn.Module, context: int) -> float:
-    """FLOPs of one training token, forward and backward, in sequences of `context` tokens (Kaplan et
-    al.: 6 per matmul parameter, plus 12 x layers x hidden x context for the attention scores)."""
-    config = model.config
-    return 6 * matmul_parameters(model) + 12 * config.num_hidden_layers * config.hidden_size * context
-
-
 def model_on_meta(name: str, kind: str) -> torch.nn.Module:
     """The model of a configuration ("span" or "causal-lm"), no weights allocated: enough to count."""
     auto_class = {"causal-lm": transformers.AutoModelForCausalLM, "span": transformers.AutoModelForQuestionAnswering}[kind]
@@ -170,9 +150,8 @@ def model_on_meta(name: str, kind: str) -> torch.nn.Module:
 
 # --- Timing and the report -------------------------------------------------------------------------
 
-def seconds_per_call(call, repeats: int, warmup: int = 1, summary=statistics.median):
-    """`summary` (the median) of `repeats` timings of `call()` after `warmup` untimed calls; with
-    summary None, the list of timings."""
+def seconds_per_call(call, repeats: int, warmup: int = 1) -> float:
+    """The median of `repeats` timings of `call()` after `warmup` untimed calls."""
     for _ in range(warmup):
         call()
     seconds = []
@@ -180,7 +159,7 @@ def seconds_per_call(call, repeats: int, warmup: int = 1, summary=statistics.med
         started = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - started)
-    return summary(seconds) if summary else seconds
+    return statistics.median(seconds)
 
 
 def median(runs: list[dict], key: str) -> float:

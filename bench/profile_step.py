@@ -56,15 +56,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `bench` and the product
 import train  # noqa: E402
-from bench.harness import (ROOT, machine_line, matmul_peak_flops, seconds_per_call, table,  # noqa: E402
-                           training_flops_per_token, write_report)
+from bench.harness import ROOT, machine_line, seconds_per_call, table, write_report  # noqa: E402
 from bench.trainer_baseline import WithoutFeatureIndex  # noqa: E402
 from data.qa_features import SquadFeatures  # noqa: E402
 from data.squad import SquadExamples  # noqa: E402
-from engine.device import autocast_for_pass  # noqa: E402
+from engine.device import autocast_for_pass, peak_flops  # noqa: E402
 from engine.inference import longest_first_batches  # noqa: E402
 from models.attention import EAGER, SDPA, SDPA_FP32, choose_attention, sdpa_in_fp32  # noqa: E402
 from models.backbones import load_model, load_tokenizer, resolve_model  # noqa: E402
+from models.flops import sequence_flops  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -85,11 +85,6 @@ ATTENTION_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "at
 STEP_LABEL, COLLATE_LABEL = "bench: step", "bench: collate"
 OPTIMIZER_STEP = "Optimizer.step#AdamW.step"
 DROPOUT_EVENTS = ("aten::bernoulli_", "dropout mask")  # torch's dropout, or models/dropout.py's labelled draw
-
-
-def sequence_flops(model, lengths) -> float:
-    """Training FLOPs of sequences of these real lengths."""
-    return sum(int(n) * training_flops_per_token(model, int(n)) for n in lengths)
 
 
 def is_matmul(op: str) -> bool:
@@ -150,7 +145,8 @@ def measure_step(name: str, precision: str, args, directory: Path) -> dict:
         step_seconds.append(time.perf_counter() - started)
     timed = batches[args.warmup:]
     step = statistics.median(step_seconds[args.warmup:])
-    step_flops = sum(sequence_flops(run.model, lengths[b]) for b in timed) / sum(step_seconds[args.warmup:])
+    flops = sequence_flops(run.model)
+    step_flops = sum(flops.training(lengths[b]).sum() for b in timed) / sum(step_seconds[args.warmup:])
 
     eval_batches = longest_first_batches(eval_set.lengths, train_args.eval_batch_size)
     inputs = [run.task.collate([eval_set[i] for i in batch]) for batch in eval_batches]
@@ -191,15 +187,15 @@ def profile_lines(p: dict) -> list[str]:
 
 def step_report(args) -> list[str]:
     transformers.logging.set_verbosity_error()  # as train.py: a fresh span head is expected here
-    peaks = {precision: matmul_peak_flops(DTYPES[precision]) for precision in args.precisions.split(",")}
+    peaks = {precision: peak_flops(torch.device("cpu"), precision)[0] for precision in args.precisions.split(",")}
     lines = [
         f"# Where a training step's time goes, per precision ({time.strftime('%Y-%m-%d')})", "",
-        machine_line() + " Measured matmul peak (square torch.mm, 2048): "
+        machine_line() + " Measured matmul peak (square torch.mm, engine/device.py's `peak_flops`): "
         + ", ".join(f"{precision} {peak / 1e9:.1f} GFLOP/s" for precision, peak in peaks.items()) + ".", "",
         f"Eager, on the CPU, train.py's default settings otherwise. {args.warmup} warm-up calls, then {args.steps} "
         "timed calls (their median). Training steps are train.py's `train_step` (forward, backward, clipping, AdamW, "
-        "schedule; not collation). Model FLOPs: 6 x linear-layer parameters x tokens + 12 x layers x hidden x "
-        "sequence length x tokens per training step (real tokens), against the peak of the row's precision.",
+        "schedule; not collation). Model FLOPs of the real tokens (models/flops.py: the linear layers' and attention's "
+        "matmuls, forward and backward), against the peak of the row's precision.",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.workloads.split(","):

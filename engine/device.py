@@ -8,12 +8,16 @@ the CUDA path is one short file to read, and a test can stand in for a GPU by mo
 - the precision (bf16, fp16 with a grad scaler, fp32), autocast, and TF32 for fp32 matmuls;
 - how batches reach the device (pinned memory, copies that do not wait);
 - the random state a checkpoint keeps, and the memory statistics a run reports;
-- what an out-of-memory error tells the user.
+- what an out-of-memory error tells the user;
+- the device's peak FLOP/s in the precision of the run, the denominator of MFU.
 """
 import contextlib
 import ctypes
+import json
 import os
+import platform
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from engine.errors import UserError
+from engine.files import atomic_write_text
 from engine.settings import setting
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -308,3 +313,110 @@ def memory_mb(device: torch.device) -> dict:
         memory["resident_mb"] = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     return memory
 
+
+# Dense (no 2:4 sparsity) peak TFLOP/s of each GPU's tensor cores (fp32: its CUDA cores), from NVIDIA's
+# datasheets, whose tensor-core figures are given with sparsity: halved here. bf16 and fp16 are with fp32
+# accumulation, as autocast runs them. None: the GPU has no such units (Volta and Turing have neither bf16
+# nor TF32). Matched to torch.cuda.get_device_name by substring, the longest match winning ("A100" over "A10").
+GPU_PEAK_TFLOPS = {
+    # H100 datasheet: SXM 1,979* bf16/fp16, 989* TF32, 67 fp32; PCIe 1,513*, 756*, 51; NVL 1,671*, 835*, 60
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.0},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    # H200 datasheet: SXM as the H100 SXM (the same GH100 chip, more memory); NVL as the H100 NVL
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    # A100 datasheet (40 and 80 GB, SXM and PCIe): 312 bf16/fp16, 156 TF32, 19.5 fp32
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    # A10 datasheet: 250* bf16/fp16, 125* TF32, 31.2 fp32. A10G (AWS G5): no NVIDIA datasheet; AWS's
+    # figures as Baseten's A10-vs-A10G comparison gives them: 70 bf16/fp16, 35 TF32, 35 fp32
+    "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 35.0},
+    # L4 datasheet: 242* bf16/fp16, 120* TF32, 30.3 fp32; L40S: 733*, 366*, 91.6; L40: 362.1*, 181*, 90.5
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "L40S": {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6},
+    "L40": {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5},
+    # Ada (RTX 4090) and Ampere GA102 (RTX 3090) whitepapers: GeForce tensor cores run fp16/bf16 with fp32
+    # accumulation at half the rate of fp16 accumulation
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6},
+    # V100 datasheet: SXM2 125 fp16, 15.7 fp32 (PCIe: 112, 14); T4 datasheet: 65 fp16 (mixed), 8.1 fp32
+    "V100": {"bf16": None, "fp16": 125.0, "tf32": None, "fp32": 15.7},
+    "T4": {"bf16": None, "fp16": 65.0, "tf32": None, "fp32": 8.1},
+}
+PEAK_FLOPS_CACHE_VARIABLE = "FINETUNE_PEAK_FLOPS_CACHE"
+CPU_MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """(FLOP/s, where the number comes from) of the device's matrix products in `precision` (bf16,
+    fp16 or fp32, as run: fp32 matmuls run in TF32 on CUDA once `configure_device` allowed it); None,
+    with the reason, where it is unknown.
+
+    On CUDA, the datasheet's dense peak of the GPU (`GPU_PEAK_TFLOPS`). On the CPU, measured: a square
+    `torch.mm` in the precision's dtype with this process's threads, the best of a few calls after a
+    warm-up, about a second; kept in a JSON file (default ~/.cache/finetune/peak_flops.json,
+    $FINETUNE_PEAK_FLOPS_CACHE), by CPU model, torch version, thread count and dtype, so that later
+    runs on such a machine read it."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        matches = [known for known in GPU_PEAK_TFLOPS if known in name]
+        if not matches:
+            return None, f"no datasheet peak known for {name}"
+        known = max(matches, key=len)
+        peaks = GPU_PEAK_TFLOPS[known]
+        unit = precision
+        if precision == "fp32" and peaks["tf32"] and torch.get_float32_matmul_precision() != "highest":
+            unit = "tf32"
+        if peaks[unit] is None:
+            return None, f"{name} has no {unit} tensor cores"
+        return peaks[unit] * 1e12, f"NVIDIA's figure for the {known}, dense {unit}"
+    if device.type == "cpu":
+        return cpu_peak_flops(CPU_MATMUL_DTYPES[precision])
+    return None, f"no peak known for {device.type} devices"
+
+
+def peak_flops_cache() -> Path:
+    return Path(os.environ.get(PEAK_FLOPS_CACHE_VARIABLE) or Path.home() / ".cache" / "finetune" / "peak_flops.json")
+
+
+def cpu_peak_flops(dtype: torch.dtype) -> tuple[float, str]:
+    """The measured matmul peak of this CPU, from the cache file when it holds one for this machine."""
+    threads = torch.get_num_threads()
+    cpu = cpuinfo_field("model name") or platform.machine()
+    key = f"{cpu} | torch {torch.__version__} | {threads} threads | {dtype}"
+    how = f"square torch.mm in {str(dtype).removeprefix('torch.')} on {threads} thread(s) of the {cpu}"
+    path = peak_flops_cache()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measured again
+        cached = {}
+    if key in cached:
+        return cached[key], f"measured: {how} (cached in {path})"
+    cached[key] = measured_matmul_flops(dtype)
+    with contextlib.suppress(OSError):  # the measurement stands without the cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cached, indent=1, sort_keys=True))
+    return cached[key], f"measured: {how}"
+
+
+def measured_matmul_flops(dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """FLOP/s of the fastest square `torch.mm` of about `seconds` of calls (at least 3). The size doubles
+    from 256 while a call takes under 50 ms, up to 2048: a CPU that emulates the dtype is measured on
+    smaller matrices in the same time. The fastest call, not the median: on a shared machine the
+    median moves by a third."""
+    def call_seconds(a, b) -> float:
+        started = time.perf_counter()
+        torch.mm(a, b)
+        return time.perf_counter() - started
+
+    size = 256
+    while True:  # also the warm-up
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        if call_seconds(a, b) > 0.05 or size == 2048:
+            break
+        size *= 2
+    timings, deadline = [], time.perf_counter() + seconds
+    while len(timings) < 3 or time.perf_counter() < deadline:
+        timings.append(call_seconds(a, b))
+    return 2 * size**3 / min(timings)

@@ -35,9 +35,11 @@ def pytest_configure(config):
     that cannot run one.
 
     The dequantized copy of the GGUF model goes to a cache of the session's own, as on a fresh
-    machine (made once, by the first test that needs it), unless FINETUNE_GGUF_CACHE names one."""
+    machine (made once, by the first test that needs it), unless FINETUNE_GGUF_CACHE names one; so
+    does the CPU's measured matmul peak (engine/device.py), unless FINETUNE_PEAK_FLOPS_CACHE names a file."""
     import tempfile
 
+    from engine.device import PEAK_FLOPS_CACHE_VARIABLE
     from fake_accelerator import register
     from models.backbones import GGUF_CACHE_VARIABLE
 
@@ -45,6 +47,10 @@ def pytest_configure(config):
     if not os.environ.get(GGUF_CACHE_VARIABLE):
         os.environ[GGUF_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="gguf-cache-")
         config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(GGUF_CACHE_VARIABLE), ignore_errors=True))
+    if not os.environ.get(PEAK_FLOPS_CACHE_VARIABLE):
+        directory = tempfile.mkdtemp(prefix="peak-flops-cache-")
+        os.environ[PEAK_FLOPS_CACHE_VARIABLE] = os.path.join(directory, "peak_flops.json")
+        config.add_cleanup(lambda: (os.environ.pop(PEAK_FLOPS_CACHE_VARIABLE), shutil.rmtree(directory, ignore_errors=True)))
 
 # The files that take longest, in the order pytest.ini's two workers take them (each starts with one
 # file and queues one more): one runs test_resume.py then test_learning.py, the other

@@ -3,7 +3,8 @@
 `torch.cuda` is mocked (function by function, with monkeypatch, so nothing leaks into other tests)
 to stand in for a GPU, and each test checks what the seam then decides: the device, each torchrun
 process's GPU and its NCCL backend, bf16/fp16 and the grad scaler, TF32, the CUDA generators in
-the saved random state, peak memory, pinned batches and the out-of-memory line. The last tests
+the saved random state, peak memory, pinned batches, the out-of-memory line and the peak
+FLOP/s (a GPU's from its datasheet, the CPU's measured once per machine). The last tests
 prove that no other file of the project asks `torch.cuda` anything, so that these mocks cover
 every device-dependent choice.
 
@@ -11,6 +12,7 @@ What mocks cannot prove (that CUDA's own calls accept these arguments and behave
 run for real by bench/gpu_check.sh, on a machine with a GPU.
 """
 import io
+import json
 import random
 import re
 import resource
@@ -402,7 +404,68 @@ def test_other_errors_pass_through(monkeypatch, device):
     assert error.value is other and mem_get_info.calls == []
 
 
-# --- 9. No torch.cuda outside the seam ---
+# --- 9. Peak FLOP/s, the denominator of MFU ---
+
+H100_SXM = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize("name, precision, tflops", [
+    (H100_SXM, "bf16", 989.4), (H100_SXM, "fp16", 989.4), (H100_SXM, "fp32", 494.7),  # fp32 matmuls run in TF32
+    ("NVIDIA H100 PCIe", "bf16", 756.5), ("NVIDIA H100 NVL", "bf16", 835.5), ("NVIDIA H200", "bf16", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312), ("NVIDIA A100-SXM4-80GB", "fp32", 156),  # not the A10's
+    ("NVIDIA A10G", "bf16", 70), ("NVIDIA A10", "bf16", 125), ("NVIDIA L40S", "bf16", 362.05),
+    ("NVIDIA L4", "fp16", 121), ("NVIDIA GeForce RTX 4090", "bf16", 165.2), ("Tesla T4", "fp16", 65),
+    ("Tesla V100-SXM2-16GB", "fp32", 15.7),  # no TF32 on Volta: plain fp32
+])
+def test_gpu_peak_from_the_datasheet_table(monkeypatch, tf32, name, precision, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", recorder(name))
+    seam.configure_device(CUDA)  # TF32 on, as a run has it
+    flops, source = seam.peak_flops(CUDA0, precision)
+    assert flops == pytest.approx(tflops * 1e12)
+    assert "dense" in source
+
+
+def test_fp32_peak_without_tf32_is_the_fp32_one(monkeypatch, tf32):
+    monkeypatch.setattr(torch.cuda, "get_device_name", recorder(H100_SXM))
+    assert seam.peak_flops(CUDA0, "fp32")[0] == pytest.approx(66.9e12)  # `tf32` set matmuls to "highest"
+
+
+@pytest.mark.parametrize("name, precision, reason", [
+    ("NVIDIA GeForce GTX 1080", "bf16", "no datasheet peak known for NVIDIA GeForce GTX 1080"),
+    ("Tesla V100-SXM2-16GB", "bf16", "Tesla V100-SXM2-16GB has no bf16 tensor cores"),
+])
+def test_unknown_gpu_peak_is_none_with_a_reason(monkeypatch, name, precision, reason):
+    monkeypatch.setattr(torch.cuda, "get_device_name", recorder(name))
+    assert seam.peak_flops(CUDA0, precision) == (None, reason)
+
+
+def test_no_peak_for_mps():
+    flops, reason = seam.peak_flops(MPS, "fp32")
+    assert flops is None and "mps" in reason
+
+
+def test_cpu_peak_is_measured_once_per_machine_and_precision(monkeypatch, tmp_path):
+    cache = tmp_path / "cache" / "peak_flops.json"
+    monkeypatch.setenv(seam.PEAK_FLOPS_CACHE_VARIABLE, str(cache))
+    measure = recorder(1.5e11)
+    monkeypatch.setattr(seam, "measured_matmul_flops", measure)
+    first, measured = seam.peak_flops(CPU, "fp32")
+    second, cached = seam.peak_flops(CPU, "fp32")
+    assert first == second == 1.5e11 and measure.calls == [(torch.float32,)]
+    assert "measured" in measured and str(cache) in cached
+    seam.peak_flops(CPU, "bf16")
+    assert measure.calls == [(torch.float32,), (torch.bfloat16,)]
+    assert len(json.loads(cache.read_text())) == 2  # by dtype, and CPU model, torch version, threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1000)
+    seam.peak_flops(CPU, "fp32")
+    assert len(measure.calls) == 3  # another thread count: measured again
+
+
+def test_cpu_matmul_is_measured():
+    assert seam.measured_matmul_flops(torch.float32, seconds=0.05) > 1e8
+
+
+# --- 10. No torch.cuda outside the seam ---
 
 CUDA_USES = [re.compile(r"torch\.cuda"), re.compile(r"\.cuda\("), re.compile(r"from\s+torch\s+import\s+.*\bcuda\b")]
 SEAM = ROOT / "engine" / "device.py"
