@@ -411,8 +411,9 @@ def measured_matmul_flops(dtype: torch.dtype, seconds: float = 1.0) -> float:
         return time.perf_counter() - started
 
     size = 256
+    generator = torch.Generator().manual_seed(0)  # a run's random stream must not depend on whether it measured
     while True:  # also the warm-up
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a, b = (torch.randn(size, size, dtype=dtype, generator=generator) for _ in range(2))
         if call_seconds(a, b) > 0.05 or size == 2048:
             break
         size *= 2

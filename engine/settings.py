@@ -233,6 +233,8 @@ def changed_trajectory(saved: dict, settings, resolved) -> list[str]:
     now = as_saved(settings, resolved)
     names = with_role(type(settings), TRAJECTORY) + with_role(type(resolved), TRAJECTORY)
     labels = {f.name: f.metadata.get("label", flag(f.name)) for f in dataclasses.fields(resolved)}
+    # A flag newer than the checkpoint ran as its default does.
+    saved = {**{f.name: _plain(f.default) for f in settings_fields(settings)}, **saved}
     return [f"{labels.get(name, flag(name))} {saved.get(name)} -> {now[name]}" for name in dict.fromkeys(names)
             if saved.get(name) != now[name]]
 
