@@ -529,7 +529,7 @@ class Projection:
     """The rest of the run, projected from timed steps by their model FLOPs."""
 
     seconds_per_step: float  # of the timed steps
-    tokens_per_s: float
+    tokens_per_s: float  # of every process together, as the FLOPs
     flops_per_s: float
     steps: int  # still to take
     train_seconds: float
@@ -670,16 +670,17 @@ def dry_run(run: Run) -> dict:
         train_seconds, compile_note = projection.train_seconds, "compiled" if run.settings.compile else "eager"
         if run.settings.compile is None:  # as the run will decide after its first steps
             _, compile_note, train_seconds = compile_decision(run, projection)
-        report.update(seconds_per_step=projection.seconds_per_step, tokens_per_s=projection.tokens_per_s * world_size(),
-                      mfu=mfu(run, projection.flops_per_s * world_size(), 1.0), steps=projection.steps,
+        report.update(seconds_per_step=projection.seconds_per_step, tokens_per_s=projection.tokens_per_s,
+                      mfu=mfu(run, projection.flops_per_s, 1.0), steps=projection.steps,
                       projected_train_seconds=train_seconds, compile=compile_note,
                       evaluations=projection.evaluations, projected_eval_seconds=projection.eval_seconds)
     if verdict is None:
-        headroom = report.get("free_mb", 0) + report.get("resident_mb", 0)  # what this process could still grow to
-        fits = not headroom or report["peak_memory_mb"] < 0.9 * headroom
-        verdict = (f"fits: peak {report['peak_memory_mb']:,.0f} MB ({report['measured']})" if fits else
-                   f"may not fit: a peak of {report['peak_memory_mb']:,.0f} MB ({report['measured']}) against "
-                   f"{headroom:,.0f} MB available")
+        available = report.get("available_mb")
+        fits = available is None or report["peak_memory_mb"] < 0.9 * available
+        of = f" of {available:,.0f} MB available" if available else ""
+        verdict = (f"fits: peak {report['peak_memory_mb']:,.0f} MB{of} ({report['measured']})" if fits else
+                   f"may not fit: a peak of {report['peak_memory_mb']:,.0f} MB ({report['measured']}), above 90% of "
+                   f"the {available:,.0f} MB available")
     report.update(fits=verdict.startswith("fits"), verdict=verdict)
     if is_main():
         run.output_dir.mkdir(parents=True, exist_ok=True)

@@ -295,22 +295,23 @@ class OutOfMemory(UserError):
 
 
 def memory_mb(device: torch.device) -> dict:
-    """The run's peak memory and what the device has, in MB: on CUDA the allocator's peak and the GPU's
-    free and total memory; on the CPU the process's peak resident memory, its current one, and the
-    machine's available and total memory (/proc/meminfo)."""
+    """The run's peak memory, and the most it could have (`available_mb`: what it holds plus what is
+    free), in MB: on CUDA the allocator's peak, and the GPU's free memory plus what torch reserved; on
+    the CPU the process's peak resident memory, and the machine's available memory (/proc/meminfo)
+    plus the process's resident memory."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "measured": "CUDA allocator peak",
-                "free_mb": free / 2**20, "total_mb": total / 2**20}
+                "available_mb": (free + torch.cuda.memory_reserved(device)) / 2**20, "total_mb": total / 2**20}
     import resource
 
     memory = {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "measured": "peak resident memory of the process"}
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, KeyError):
         fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        memory["free_mb"] = int(fields["MemAvailable"].split()[0]) / 1024
+        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        memory["available_mb"] = int(fields["MemAvailable"].split()[0]) / 1024 + resident / 2**20
         memory["total_mb"] = int(fields["MemTotal"].split()[0]) / 1024
-        memory["resident_mb"] = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     return memory
 
 

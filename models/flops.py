@@ -56,7 +56,8 @@ class SequenceFlops:
 
     def forward(self, lengths, target_lengths=None) -> np.ndarray:
         """FLOPs of each sequence's forward pass. `lengths`: tokens per sequence (the encoder's, in an
-        encoder-decoder model); `target_lengths`: the decoder's tokens, for an encoder-decoder model only."""
+        encoder-decoder model); `target_lengths`: the decoder's tokens, for an encoder-decoder model only
+        (None there: the decoder reads the encoder's tokens too, as a span head on T5 does)."""
         linear, attention = self.terms(lengths, target_lengths)
         return linear @ self.linear_forward + attention @ self.attention_forward
 
@@ -68,9 +69,10 @@ class SequenceFlops:
 
     def terms(self, lengths, target_lengths) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.asarray(lengths, dtype=np.float64)
-        if self.encoder_decoder and target_lengths is None:
-            raise ValueError("an encoder-decoder model's sequence FLOPs need the decoder's lengths (target_lengths)")
-        targets = np.asarray(target_lengths, dtype=np.float64) if self.encoder_decoder else np.zeros_like(tokens)
+        # An encoder-decoder model given no decoder tokens of its own reads the input there too, as T5's
+        # span head (T5ForQuestionAnswering) does.
+        targets = np.zeros_like(tokens) if not self.encoder_decoder else \
+            tokens if target_lengths is None else np.asarray(target_lengths, dtype=np.float64)
         linear = np.stack([tokens, targets, np.ones_like(tokens)], axis=-1)
         attention = np.stack([tokens * tokens, targets * targets, targets * tokens], axis=-1)
         return linear, attention

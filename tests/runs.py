@@ -183,5 +183,5 @@ def differences(reference: Path, resumed: Path, atol: float = 0.0, skip=()) -> l
 def untimed(value):
     """Scores and training state without their durations, which no two runs share."""
     if isinstance(value, dict):
-        return {k: untimed(v) for k, v in value.items() if k not in ("seconds", "train_seconds")}
+        return {k: untimed(v) for k, v in value.items() if k not in ("seconds", "train_seconds", "eval_seconds")}
     return value

@@ -145,6 +145,17 @@ def test_the_host_reads_the_device_once_per_optimizer_step(device, tiny_llama_di
     assert calls == [(2, 1)] * steps
 
 
+def test_a_dry_run_on_the_device(device, tiny_model_dir, tmp_path):
+    """--dry-run's three steps on the device, each reading the host once, and its report (the FLOP
+    counts come from the host; no peak is known for this device, so no MFU)."""
+    with on_fake_device() as reads:
+        _, run = setup_on_device(tiny_args(tiny_model_dir, tmp_path, "--dry-run"), device)
+        report = train.dry_run(run)
+        assert reads.count() == 3, reads.where
+        assert_all_on(device, run)
+    assert report["mfu"] is None and report["projected_train_seconds"] > 0 and report["fits"]
+
+
 def test_checkpoint_written_by_a_gpu_run_resumes_onto_the_device(device, tiny_model_dir, tmp_path, monkeypatch):
     """The training state a GPU run saves (optimizer moments on the GPU, random states on the CPU) is
     written, then loaded on the host (map_location) and resumed onto the device: moments and step

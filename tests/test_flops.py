@@ -152,6 +152,6 @@ def test_the_trace_draws_no_random_numbers():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_an_encoder_decoder_model_needs_the_decoder_lengths():
-    with pytest.raises(ValueError, match="target_lengths"):
-        sequence_flops(build("t5")).forward([LENGTH])
+def test_an_encoder_decoder_model_without_decoder_lengths_reads_its_input_in_the_decoder_too():
+    flops = sequence_flops(build("t5"))
+    assert flops.training([LENGTH]) == flops.training([LENGTH], [LENGTH]) > flops.training([LENGTH], [TARGET_LENGTH])

@@ -481,7 +481,7 @@ def test_read_text_of_a_directory_or_a_missing_file(tmp_path):
 def test_predict_reads_a_context_file_through_the_same_reader(tmp_path):
     path = tmp_path / "article.txt"
     path.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00")
-    args = Namespace(input=None, context=None, context_file=str(path), question="Why?")
+    args = Namespace(input=None, dataset=None, many=None, context=None, context_file=str(path), question="Why?")
     with pytest.raises(UserError, match="binary") as error:
         predict.read_examples(args)
     assert_one_line(error.value, path)
