@@ -40,6 +40,8 @@ from engine.distributed import (clip_grad_norm, close_processes, from_main, full
 from engine.errors import UserError, run_cli
 from engine.files import atomic_write_text
 from engine.optim import OptimizerSettings, auto_learning_rate, build_optimizer, linear_warmup_decay
+from engine.planning import (Projection, StepTime, compile_pays, describe_dry_run, evaluations_to_come, fit_verdict,
+                             mfu, planned_step_flops, project)
 from engine.settings import HPARAM, TRAJECTORY, as_saved, changed_trajectory, parse, setting, with_role, write_config
 from engine.signals import StopRequest
 from engine.task import Task
@@ -447,7 +449,7 @@ def train(run: Run) -> None:
     # Since the last log line: steps' seconds (each ends reading the device: synchronised), windows,
     # tokens, FLOPs.
     window = np.zeros(4)
-    first_steps = []  # (seconds, FLOPs, tokens) of this process's first steps: --compile auto decides from them
+    first_steps = []  # this process's first steps: --compile auto decides from their times
     lengths = run.task.train_set.lengths
     if state.step == 0 and state.initial_scores is None and run.eval_before_training:
         state.initial_scores = evaluate_and_save(run, writer)
@@ -479,7 +481,7 @@ def train(run: Run) -> None:
                 state.padded_tokens_seen += padded_tokens
                 state.train_flops += flops
                 if settings.compile is None and len(first_steps) < COMPILE_DECISION_AFTER:
-                    first_steps.append((seconds, flops, tokens))
+                    first_steps.append(StepTime(seconds, flops, tokens))
                     if len(first_steps) == COMPILE_DECISION_AFTER:
                         decide_compile(run, first_steps[1:])  # the first step warms up
                 if state.step % settings.log_steps == 0 or state.step == run.total_steps:
@@ -504,17 +506,15 @@ def train(run: Run) -> None:
     writer.close()
 
 
-def mfu(run: Run, flops: float, seconds: float) -> float | None:
-    """Model FLOPs utilisation: the FLOPs of every process's steps per second, over what their devices
-    can do at the run's precision (None where that is unknown)."""
-    return flops / seconds / (run.peak_flops * world_size()) if run.peak_flops and seconds > 0 else None
+def run_mfu(run: Run, flops: float, seconds: float) -> float | None:
+    return mfu(flops, seconds, run.peak_flops, world_size())
 
 
 def log_window(run: Run, writer, bar, step: StepResult, seconds: float, windows: float, tokens: float,
                flops: float) -> None:
     """TensorBoard's train/ scalars and the progress line, over the steps since the last log."""
     lr = run.scheduler.get_last_lr()[0]
-    utilisation = mfu(run, flops, seconds)
+    utilisation = run_mfu(run, flops, seconds)
     for name, value in (("loss", step.loss), ("lr", lr), ("grad_norm", step.grad_norm),
                         ("skipped_steps", run.state.skipped_steps), ("windows_per_s", windows / seconds),
                         ("tokens_per_s", tokens / seconds), ("mfu", utilisation)):
@@ -524,46 +524,14 @@ def log_window(run: Run, writer, bar, step: StepResult, seconds: float, windows:
                     mfu="?" if utilisation is None else f"{utilisation:.0%}")
 
 
-@dataclass
-class Projection:
-    """The rest of the run, projected from timed steps by their model FLOPs."""
-
-    seconds_per_step: float  # of the timed steps
-    tokens_per_s: float  # of every process together, as the FLOPs
-    flops_per_s: float
-    steps: int  # still to take
-    train_seconds: float
-    evaluations: int  # still to make
-    eval_seconds: float
-
-
-def planned_step_flops(run: Run) -> np.ndarray:
-    """The model FLOPs of every optimizer step of the run, step k at index k - 1."""
-    flops, epoch = [], 0
-    while len(flops) < run.total_steps:
-        flops += [float(run.feature_flops[batch].sum()) for batch in run.batches.for_epoch(epoch)]
-        epoch += 1
-    return np.array(flops[:run.total_steps])
-
-
-def evaluations_to_come(run: Run) -> int:
-    """How many evaluations the rest of the run makes, as `train` decides them."""
-    state, eval_steps, per_epoch = run.state, run.settings.eval_steps, len(run.batches)
-    before = state.step == 0 and state.initial_scores is None and run.eval_before_training
-    return int(before) + sum(1 for step in range(state.step + 1, run.total_steps + 1)
-                             if step % per_epoch == 0 or (eval_steps and step % eval_steps == 0) or step == run.total_steps)
-
-
-def project(run: Run, timed: list[tuple[float, float, int]]) -> Projection:
-    """From (seconds, FLOPs, tokens) of timed steps: the training still to do takes its FLOPs at their
-    FLOP rate; an evaluation its forward FLOPs at the same rate (forward passes run at about the rate of
-    a training step's; generated answers, which wait on every token, take longer)."""
-    seconds, flops, tokens = (sum(column) for column in zip(*timed))
-    rate = flops / seconds
-    evaluations = evaluations_to_come(run)
-    return Projection(seconds / len(timed), tokens / seconds, rate, run.total_steps - run.state.step,
-                      float(planned_step_flops(run)[run.state.step:].sum()) / rate, evaluations,
-                      evaluations * run.eval_flops / rate)
+def project_rest(run: Run, timed: list[StepTime]) -> Projection:
+    """The rest of the run (from its current step), projected from `timed` steps."""
+    state, settings = run.state, run.settings
+    evaluates_first = state.step == 0 and state.initial_scores is None and run.eval_before_training
+    remaining = planned_step_flops(run.feature_flops, run.batches, run.total_steps)[state.step:]
+    return project(timed, float(remaining.sum()), len(remaining),
+                   evaluations_to_come(state.step, run.total_steps, len(run.batches), settings.eval_steps,
+                                       evaluates_first), run.eval_flops)
 
 
 # --compile auto decides after this many steps, timing all but the first (which warms up).
@@ -572,23 +540,22 @@ COMPILE_DECISION_AFTER = 3
 
 def compile_decision(run: Run, projection: Projection) -> tuple[bool, str, float]:
     """--compile auto: (compile now, why, the projected seconds of the training still to do, compiling
-    included): compile if the rest of the run gains more than compiling costs. Rank 0's projection
-    decides for every process."""
+    included). Rank 0's projection decides for every process."""
     gain = "--fsdp does not combine with compile" if run.settings.fsdp else \
         compile_gain(run.device, run.precision, len(transformer_blocks(unwrap(run.model))))
     if isinstance(gain, str):
         return False, f"eager: {gain}", projection.train_seconds
     speedup, compile_seconds = gain
-    saved = projection.train_seconds * (1 - 1 / speedup)
-    compiling = from_main(saved > compile_seconds)
+    pays, saved = compile_pays(projection.train_seconds, speedup, compile_seconds)
+    compiling = from_main(pays)
     note = (f"{'compiled' if compiling else 'eager'} after step {run.state.step}: the remaining "
             f"{projection.train_seconds:.0f} s of training would gain about {saved:.0f} s at the {speedup}x measured on "
             f"{run.device.type} in {run.precision}, for about {compile_seconds:.0f} s of compiling")
     return compiling, note, projection.train_seconds - saved + compile_seconds if compiling else projection.train_seconds
 
 
-def decide_compile(run: Run, timed: list[tuple[float, float, int]]) -> None:
-    compiling, run.compile_note, _ = compile_decision(run, project(run, timed))
+def decide_compile(run: Run, timed: list[StepTime]) -> None:
+    compiling, run.compile_note, _ = compile_decision(run, project_rest(run, timed))
     if compiling:
         compile_in_place(unwrap(run.model))
     log.info("--compile auto: %s", run.compile_note)
@@ -604,7 +571,7 @@ def write_results(run: Run, scores: dict, state_mb: list[float]) -> None:
         "precision": run.precision, "train_seconds": state.train_seconds, "train_windows": state.windows_seen,
         "train_windows_per_s": state.windows_seen / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
-        "train_flops": state.train_flops, "mfu": mfu(run, state.train_flops, state.train_seconds),
+        "train_flops": state.train_flops, "mfu": run_mfu(run, state.train_flops, state.train_seconds),
         "eval_seconds": state.eval_seconds,
         "compile": run.compile_note or ("compiled" if run.settings.compile else "eager"),
         "padding_share": 1 - state.tokens_seen / max(state.padded_tokens_seen, 1),
@@ -658,48 +625,28 @@ def dry_run(run: Run) -> dict:
             micro_batches, _ = micro_batches_of_step(run, batch)
             started = time.perf_counter()
             train_step(run, micro_batches, run.settings.max_grad_norm)
-            timed.append((time.perf_counter() - started, float(run.feature_flops[batch].sum()),
-                          int(lengths[batch].sum())))
+            timed.append(StepTime(time.perf_counter() - started, float(run.feature_flops[batch].sum()),
+                                  int(lengths[batch].sum())))
     except OutOfMemory as error:
         verdict = f"does not fit: {error}"
     report = {"model": run.settings.model, "device": str(run.device), "precision": run.precision,
               "processes": world_size(), "trainable_parameters": run.parameters[0], "parameters": run.parameters[1],
               **memory_mb(run.device)}
     if timed:
-        projection = project(run, timed[1:] or timed)
+        projection = project_rest(run, timed[1:] or timed)
         train_seconds, compile_note = projection.train_seconds, "compiled" if run.settings.compile else "eager"
         if run.settings.compile is None:  # as the run will decide after its first steps
             _, compile_note, train_seconds = compile_decision(run, projection)
         report.update(seconds_per_step=projection.seconds_per_step, tokens_per_s=projection.tokens_per_s,
-                      mfu=mfu(run, projection.flops_per_s, 1.0), steps=projection.steps,
+                      mfu=run_mfu(run, projection.flops_per_s, 1.0), steps=projection.steps,
                       projected_train_seconds=train_seconds, compile=compile_note,
                       evaluations=projection.evaluations, projected_eval_seconds=projection.eval_seconds)
-    if verdict is None:
-        available = report.get("available_mb")
-        fits = available is None or report["peak_memory_mb"] < 0.9 * available
-        of = f" of {available:,.0f} MB available" if available else ""
-        verdict = (f"fits: peak {report['peak_memory_mb']:,.0f} MB{of} ({report['measured']})" if fits else
-                   f"may not fit: a peak of {report['peak_memory_mb']:,.0f} MB ({report['measured']}), above 90% of "
-                   f"the {available:,.0f} MB available")
+    verdict = verdict or fit_verdict(report)
     report.update(fits=verdict.startswith("fits"), verdict=verdict)
     if is_main():
         run.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.output_dir / DRY_RUN, json.dumps(report, indent=2))
     return report
-
-
-def describe_dry_run(report: dict, path: Path) -> str:
-    lines = [f"dry run of {report['model']} on {report['device']} ({report['precision']}, {report['processes']} "
-             f"process(es)): {report['trainable_parameters']:,} of {report['parameters']:,} parameters train"]
-    if "projected_train_seconds" in report:
-        utilisation = "unknown" if report["mfu"] is None else f"{report['mfu']:.1%}"
-        lines += [f"  {report['seconds_per_step']:.3f} s per optimizer step, {report['tokens_per_s']:,.0f} tokens/s, "
-                  f"MFU {utilisation}",
-                  f"  projected: training {report['projected_train_seconds']:,.0f} s ({report['steps']} steps), "
-                  f"evaluation {report['projected_eval_seconds']:,.0f} s ({report['evaluations']} evaluations)",
-                  f"  --compile: {report['compile']}"]
-    lines += [f"  {report['verdict']}", f"  written to {path}; no checkpoint was saved"]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

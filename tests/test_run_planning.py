@@ -8,6 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 from conftest import tiny_args
 from engine.device import OutOfMemory, peak_flops
+from engine.planning import StepTime, compile_pays, evaluations_to_come, project
 from models import build
 from runs import crash_then_resume
 
@@ -44,6 +45,18 @@ def test_a_dry_run_projects_the_run_and_saves_nothing(dry_run, tiny_run):
     rate = report["mfu"] * peak
     assert report["projected_train_seconds"] == pytest.approx(real["train_flops"] / rate, rel=1e-6)
     assert report["tokens_per_s"] > 0 and report["seconds_per_step"] > 0
+
+
+def test_evaluations_and_the_projection_by_hand():
+    # 10 steps of 4 per epoch, evaluating every 3: at steps 3, 4, 6, 8, 9 and 10, and before training
+    assert evaluations_to_come(0, 10, 4, 3, evaluates_first=True) == 7
+    assert evaluations_to_come(6, 10, 4, 3, evaluates_first=False) == 3  # steps 8, 9, 10
+    timed = [StepTime(2.0, 4e9, 100), StepTime(1.0, 2e9, 50)]  # 2 GFLOP/s
+    projection = project(timed, remaining_flops=2e10, remaining_steps=10, evaluations=2, eval_flops=1e9)
+    assert (projection.flops_per_s, projection.train_seconds, projection.eval_seconds) == (2e9, 10.0, 1.0)
+    assert (projection.seconds_per_step, projection.tokens_per_s) == (1.5, 50.0)
+    assert compile_pays(100.0, speedup=2.0, compile_seconds=30.0) == (True, 50.0)
+    assert compile_pays(100.0, speedup=2.0, compile_seconds=60.0) == (False, 50.0)
 
 
 def test_a_dry_run_that_runs_out_of_memory_says_it_does_not_fit(tiny_model_dir, tmp_path, monkeypatch, capsys):
