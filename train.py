@@ -30,9 +30,9 @@ from data import DataSettings
 from data.batching import TrainBatches, prefetched, step_plan, without_needless_mask
 from engine.checkpoint import (find_checkpoint, load_saved_run, output_directory_lock, save_checkpoint,
                                verified_checkpoint)
-from engine.device import (DeviceSettings, OutOfMemory, autocast, configure_device, forked_rng, grad_scaler,
-                           host_values, memory_mb, out_of_memory_as_error, peak_flops, peak_memory_mb, pick_precision,
-                           pinned, restore_rng_state, rng_state, to_device)
+from engine.device import (DeviceSettings, OutOfMemory, autocast, autocast_for_pass, configure_device, forked_rng,
+                           grad_scaler, host_values, memory_mb, out_of_memory_as_error, peak_flops, peak_memory_mb,
+                           pick_precision, pinned, restore_rng_state, rng_state, to_device)
 from engine.distributed import (clip_grad_norm, close_processes, from_main, full_model_state, gather_to_main,
                                 gradient_sync, held_state_mb, init_processes, is_distributed, is_main,
                                 load_optimizer_state, optimizer_state, rank, sum_over_ranks, targets_over_ranks,
@@ -48,7 +48,7 @@ from engine.task import Task
 from engine.tensorboard import run_writer, write_hparams
 from models.backbones import count_parameters, resolve_model
 from models.build import ModelSettings, compile_gain, compile_in_place, export_merged, load_for_training, place
-from models.flops import sequence_flops
+from models.flops import SequenceFlops, sequence_flops
 from models.transfer import is_lora, transformer_blocks
 from qa.task import QASettings, QATask
 
@@ -183,8 +183,8 @@ class Run:
     output_dir: Path
     parameters: tuple[int, int]  # trainable, total
     eval_before_training: bool
-    feature_flops: np.ndarray  # model FLOPs of training on each feature, forward and backward
-    eval_flops: float  # of one evaluation's forward passes
+    flops: SequenceFlops  # of the model's forward and training passes, by sequence length
+    feature_flops: np.ndarray  # of training on each feature, forward and backward
     peak_flops: float | None  # of one process's device in the run's precision, for MFU (None: unknown)
     compile_note: str = ""  # what --compile auto decided, and why
 
@@ -215,7 +215,6 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
     trainable, total = count_parameters(model)
     flops = sequence_flops(model)  # before DDP or FSDP wraps it: the same modules, which train the same
     feature_flops = flops.training(task.train_set.lengths, task.train_set.target_lengths)
-    eval_flops = float(flops.forward(task.eval_set.lengths, task.eval_set.target_lengths).sum())
     peak, peak_source = peak_flops(device, precision)
     learning_rate = settings.learning_rate
     if learning_rate is None:  # --learning-rate auto
@@ -262,7 +261,7 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
     eval_before_training = (settings.eval_before_training if settings.eval_before_training is not None
                             else not untrained_head)  # a fresh span head would score about nothing
     return Run(settings, resolved, device, precision, task, model, batches, total_steps, optimizer, scheduler, scaler,
-               state, output_dir, (trainable, total), eval_before_training, feature_flops, eval_flops, peak)
+               state, output_dir, (trainable, total), eval_before_training, flops, feature_flops, peak)
 
 
 OUT_OF_MEMORY_REMEDIES = ("lower --batch-size and raise --grad-accum-steps by as much (the same global batch), or "
@@ -524,14 +523,16 @@ def log_window(run: Run, writer, bar, step: StepResult, seconds: float, windows:
                     mfu="?" if utilisation is None else f"{utilisation:.0%}")
 
 
-def project_rest(run: Run, timed: list[StepTime]) -> Projection:
-    """The rest of the run (from its current step), projected from `timed` steps."""
-    state, settings = run.state, run.settings
+def project_rest(run: Run, timed: list[StepTime], forward: StepTime | None = None) -> Projection:
+    """The rest of the run (from its current step), projected from `timed` steps (and an evaluation's
+    from a timed `forward` pass)."""
+    state, settings, eval_set = run.state, run.settings, run.task.eval_set
     evaluates_first = state.step == 0 and state.initial_scores is None and run.eval_before_training
     remaining = planned_step_flops(run.feature_flops, run.batches, run.total_steps)[state.step:]
     return project(timed, float(remaining.sum()), len(remaining),
                    evaluations_to_come(state.step, run.total_steps, len(run.batches), settings.eval_steps,
-                                       evaluates_first), run.eval_flops)
+                                       evaluates_first),
+                   float(run.flops.forward(eval_set.lengths, eval_set.target_lengths).sum()), forward)
 
 
 # --compile auto decides after this many steps, timing all but the first (which warms up).
@@ -611,15 +612,34 @@ def finish(run: Run) -> None:
 DRY_RUN = "dry_run.json"
 
 
+def evaluation_probe(run: Run) -> StepTime:
+    """Evaluation's largest forward pass, timed: --eval-batch-size of the longest training features
+    (evaluation's windows or blocks are as long), without gradients, as evaluation runs, beside the
+    optimizer state: where evaluation's memory peaks, and its forward FLOP rate."""
+    train_set, size = run.task.train_set, run.settings.eval_batch_size
+    longest = np.argsort(-train_set.lengths, kind="stable")[:size]
+    batch = to_device(run.task.collate([train_set[i] for i in longest]), run.device)
+    model = unwrap(run.model)
+    model.eval()
+    started = time.perf_counter()
+    with out_of_memory_as_error(run.device, f"evaluating batches of {size}", "lower --eval-batch-size"):
+        with torch.no_grad(), autocast_for_pass(model, run.device, run.precision):
+            host_values(run.task.loss(model, batch))  # the read waits for the device
+    return StepTime(time.perf_counter() - started, float(run.flops.forward(
+        train_set.lengths[longest], None if train_set.target_lengths is None else train_set.target_lengths[longest]).sum()),
+        int(train_set.lengths[longest].sum()))
+
+
 def dry_run(run: Run) -> dict:
-    """Three optimizer steps, nothing saved: the first on the global batch of the longest features
-    (every process's largest micro-batches, so memory peaks as in the run, and it warms up), then the
-    run's own next two batches, timed, from which the rest of the run is projected. The report goes to
-    the log and to OUTPUT_DIR/dry_run.json (rank 0's; under torchrun every process runs its share)."""
+    """Three optimizer steps and one evaluation batch, nothing saved: the first step on the global batch
+    of the longest features (every process's largest micro-batches, so memory peaks as in the run, and
+    it warms up), then the run's own next two batches, timed, from which the rest of the run is
+    projected, then evaluation's largest batch (`evaluation_probe`). The report goes to the log and to
+    OUTPUT_DIR/dry_run.json (rank 0's; under torchrun every process runs its share)."""
     state, lengths = run.state, run.task.train_set.lengths
     longest = np.argsort(-lengths, kind="stable")[:run.resolved.global_batch].tolist()
     upcoming = run.batches.for_epoch(state.epoch)[state.batches_done:][:2]
-    timed, verdict = [], None
+    timed, forward, verdict = [], None, None
     try:
         for batch in [longest, *upcoming]:
             micro_batches, _ = micro_batches_of_step(run, batch)
@@ -627,13 +647,14 @@ def dry_run(run: Run) -> dict:
             train_step(run, micro_batches, run.settings.max_grad_norm)
             timed.append(StepTime(time.perf_counter() - started, float(run.feature_flops[batch].sum()),
                                   int(lengths[batch].sum())))
+        forward = evaluation_probe(run)
     except OutOfMemory as error:
         verdict = f"does not fit: {error}"
     report = {"model": run.settings.model, "device": str(run.device), "precision": run.precision,
               "processes": world_size(), "trainable_parameters": run.parameters[0], "parameters": run.parameters[1],
               **memory_mb(run.device)}
     if timed:
-        projection = project_rest(run, timed[1:] or timed)
+        projection = project_rest(run, timed[1:] or timed, forward)
         train_seconds, compile_note = projection.train_seconds, "compiled" if run.settings.compile else "eager"
         if run.settings.compile is None:  # as the run will decide after its first steps
             _, compile_note, train_seconds = compile_decision(run, projection)

@@ -60,14 +60,16 @@ def evaluations_to_come(step: int, total_steps: int, steps_per_epoch: int, eval_
 
 
 def project(timed: list[StepTime], remaining_flops: float, remaining_steps: int, evaluations: int,
-            eval_flops: float) -> Projection:
+            eval_flops: float, forward: StepTime | None = None) -> Projection:
     """The training still to do (`remaining_flops`) at the FLOP rate of the `timed` steps, and each
-    evaluation's forward FLOPs (`eval_flops`) at the same rate: forward passes run at about a training
-    step's rate; generated answers, which wait on every token, take longer."""
+    evaluation's forward FLOPs (`eval_flops`) at the rate of a timed `forward` pass (without one, at
+    the training's). Generated answers, which wait on every token, take longer than their FLOPs say,
+    and scoring the answers adds its own time."""
     seconds, flops, tokens = (sum(column) for column in zip(*((t.seconds, t.flops, t.tokens) for t in timed)))
     rate = flops / seconds
+    eval_rate = forward.flops / forward.seconds if forward else rate
     return Projection(seconds / len(timed), tokens / seconds, rate, remaining_steps, remaining_flops / rate,
-                      evaluations, evaluations * eval_flops / rate)
+                      evaluations, evaluations * eval_flops / eval_rate)
 
 
 def compile_pays(train_seconds: float, speedup: float, compile_seconds: float) -> tuple[bool, float]:

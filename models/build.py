@@ -61,7 +61,8 @@ class ModelSettings:
     compile: bool | None = setting(
         None, "torch.compile the model (dynamic shapes) for training and evaluation; default (auto): compile after the "
               "run's first steps if the rest of the run, projected from their speed, gains more time than compiling "
-              "takes, where that gain was measured (CPUs; elsewhere eager: --compile to try); the log says which")
+              "takes, where that gain was measured (bf16 on a CPU, where a run needs about half an hour of training "
+              "left to gain; elsewhere eager: --compile to try); the log says which")
 
     def __post_init__(self):
         if self.lora and (self.freeze or self.train_last_layers):
@@ -127,11 +128,14 @@ def export_merged(checkpoint: Path, merged: Path, tokenizer) -> None:
     save_checkpoint(merged, model, tokenizer, {**run_config, "lora": False})
 
 
-# torch.compile(dynamic=True) against eager, per optimizer step, and its compile time, measured with
-# bench/profile_step.py on a 2-core AMD EPYC (MiniLM QA): 1.35x in bf16 (50% of the bf16 matmul peak
-# instead of 39%) and 1.15x in fp32, for about 16 s of compiling its 6 blocks. Unmeasured elsewhere.
-COMPILE_SPEEDUP = {("cpu", "bf16"): 1.35, ("cpu", "fp32"): 1.15}
-COMPILE_SECONDS_PER_BLOCK = 16 / 6  # dynamo traces every block: compile time grows with the depth
+# What torch.compile (dynamic shapes) did to a whole fine-tuning run, measured with bench/against_trainer.py
+# (MiniLM QA, 2,500 SQuAD questions, 1 epoch of 159 steps, bf16, a 2-core AMD EPYC with AVX512-BF16; compiled
+# after its third step, warm compiler cache): steps ran 1.04x as fast once compiled (1.30 s against 1.35 s),
+# and compiling took 79 s, in three compilations as new batch shapes came (32, 24 and 23 s). bench/profile_step.py's
+# fixed shapes ran 1.35x faster, but a run's length-sorted micro-batches keep changing shape. Unmeasured
+# elsewhere (fp32, CUDA): there --compile auto stays eager.
+COMPILE_SPEEDUP = {("cpu", "bf16"): 1.04}
+COMPILE_SECONDS_PER_BLOCK = 79 / 6  # dynamo traces every block: compile time grows with the depth
 
 
 def compile_gain(device: torch.device, precision: str, blocks: int) -> tuple[float, float] | str:
