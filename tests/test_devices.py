@@ -146,12 +146,12 @@ def test_the_host_reads_the_device_once_per_optimizer_step(device, tiny_llama_di
 
 
 def test_a_dry_run_on_the_device(device, tiny_model_dir, tmp_path):
-    """--dry-run's three steps on the device, each reading the host once, and its report (the FLOP
-    counts come from the host; no peak is known for this device, so no MFU)."""
+    """--dry-run's three steps and evaluation batch on the device, each reading the host once, and its
+    report (the FLOP counts come from the host; no peak is known for this device, so no MFU)."""
     with on_fake_device() as reads:
         _, run = setup_on_device(tiny_args(tiny_model_dir, tmp_path, "--dry-run"), device)
         report = train.dry_run(run)
-        assert reads.count() == 3, reads.where
+        assert reads.count() == 4, reads.where
         assert_all_on(device, run)
     assert report["mfu"] is None and report["projected_train_seconds"] > 0 and report["fits"]
 
