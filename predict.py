@@ -209,14 +209,11 @@ def text_perplexity(settings: PredictSettings, checkpoint: Path, run_config: dic
     source = (split_source(load_splits(settings.dataset, settings.dataset_config), "validation", settings.dataset, text)
               if settings.dataset else file_source(settings.input, text))
     with verified_checkpoint(checkpoint):
-        if run_config:
-            config = load_config(trained_model_source(checkpoint, run_config))
-            block_size = block_size_for(config, text.block_size, settings.checkpoint)
-            tokenizer = load_tokenizer(str(checkpoint))
-        else:
-            config = decoder_only_config(str(checkpoint), settings.checkpoint)
-            block_size = block_size_for(config, text.block_size, settings.checkpoint)
-            tokenizer = text_tokenizer(str(checkpoint), settings.checkpoint)
+        # A base model is checked as training checks one; a checkpoint was, when it trained.
+        config = (load_config(trained_model_source(checkpoint, run_config)) if run_config else
+                  decoder_only_config(str(checkpoint), settings.checkpoint))
+        block_size = block_size_for(config, text.block_size, settings.checkpoint)
+        tokenizer = load_tokenizer(str(checkpoint)) if run_config else text_tokenizer(str(checkpoint), settings.checkpoint)
         model = load_trained_model(checkpoint, run_config or {"model_kind": "causal-lm"})
     blocks = evaluation_blocks(source, tokenizer, block_size, settings.cache_dir)
     precision, _ = pick_precision(settings.precision, device)

@@ -612,12 +612,17 @@ def finish(run: Run) -> None:
 DRY_RUN = "dry_run.json"
 
 
+def longest_features(run: Run, count: int) -> list[int]:
+    """The `count` longest training features: the batches where memory peaks."""
+    return np.argsort(-run.task.train_set.lengths, kind="stable")[:count].tolist()
+
+
 def evaluation_probe(run: Run) -> StepTime:
     """Evaluation's largest forward pass, timed: --eval-batch-size of the longest training features
     (evaluation's windows or blocks are as long), without gradients, as evaluation runs, beside the
     optimizer state: where evaluation's memory peaks, and its forward FLOP rate."""
     train_set, size = run.task.train_set, run.settings.eval_batch_size
-    longest = np.argsort(-train_set.lengths, kind="stable")[:size]
+    longest = longest_features(run, size)
     batch = to_device(run.task.collate([train_set[i] for i in longest]), run.device)
     model = unwrap(run.model)
     model.eval()
@@ -637,7 +642,7 @@ def dry_run(run: Run) -> dict:
     projected, then evaluation's largest batch (`evaluation_probe`). The report goes to the log and to
     OUTPUT_DIR/dry_run.json (rank 0's; under torchrun every process runs its share)."""
     state, lengths = run.state, run.task.train_set.lengths
-    longest = np.argsort(-lengths, kind="stable")[:run.resolved.global_batch].tolist()
+    longest = longest_features(run, run.resolved.global_batch)
     upcoming = run.batches.for_epoch(state.epoch)[state.batches_done:][:2]
     timed, forward, verdict = [], None, None
     try:
@@ -687,10 +692,10 @@ def main(argv=None) -> None:
     with logging_redirect_tqdm(), output_directory_lock(output_dir) if is_main() else contextlib.nullcontext():
         run = setup(settings, device)
         if settings.dry_run:
-            report = dry_run(run)
+            report, main_process = dry_run(run), is_main()  # asked while the process group stands
             run.model = None  # DDP's reducer holds the process group (see finish)
             close_processes()
-            if is_main():
+            if main_process:
                 print(describe_dry_run(report, output_dir / DRY_RUN))
             if not report["fits"]:
                 raise SystemExit(1)

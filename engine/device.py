@@ -301,7 +301,7 @@ def memory_mb(device: torch.device) -> dict:
     plus the process's resident memory."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "measured": "CUDA allocator peak",
+        return {"peak_memory_mb": peak_memory_mb(device), "measured": "CUDA allocator peak",
                 "available_mb": (free + torch.cuda.memory_reserved(device)) / 2**20, "total_mb": total / 2**20}
     import resource
 

@@ -191,6 +191,15 @@ def test_fsdp_with_frozen_layers_trains_only_the_last(model_dirs, tmp_path):
 
 # --- Failures ------------------------------------------------------------------------------------
 
+def test_a_dry_run_under_torchrun_reports_once(model_dirs, tmp_path):
+    """Every process takes the dry run's steps (their collectives meet); rank 0 alone prints and writes."""
+    result = succeeded(run_torchrun(*extractive_flags(model_dirs["extractive"], tmp_path, 2), "--dry-run"))
+    assert result.stdout.count("dry run of") == 1, result.stdout
+    report = json.loads((tmp_path / "dry_run.json").read_text())
+    assert report["processes"] == 2 and report["steps"] == 9 and report["fits"]
+    assert not (tmp_path / "latest").exists()
+
+
 def test_bad_input_under_torchrun_is_one_error_line(tmp_path):
     bad = write_text(tmp_path / "bad.json", '{"version": "1.1", "data": [')
     started = time.monotonic()
