@@ -382,22 +382,30 @@ def peak_flops_cache() -> Path:
 
 
 def cpu_peak_flops(dtype: torch.dtype) -> tuple[float, str]:
-    """The measured matmul peak of this CPU, from the cache file when it holds one for this machine."""
+    """The measured matmul peak of this CPU, from the cache file when it holds one for this machine.
+    Processes that want it at once (torchrun's, parallel tests) take turns on a lock beside the file:
+    the first measures, on a CPU no other of them is loading, and the others read its figure, so that
+    every process of the machine divides by the same peak."""
+    import fcntl
+
     threads = torch.get_num_threads()
     cpu = cpuinfo_field("model name") or platform.machine()
     key = f"{cpu} | torch {torch.__version__} | {threads} threads | {dtype}"
     how = f"square torch.mm in {str(dtype).removeprefix('torch.')} on {threads} thread(s) of the {cpu}"
     path = peak_flops_cache()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: measured again
-        cached = {}
-    if key in cached:
-        return cached[key], f"measured: {how} (cached in {path})"
-    cached[key] = measured_matmul_flops(dtype)
-    with contextlib.suppress(OSError):  # the measurement stands without the cache
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(cached, indent=1, sort_keys=True))
+    with contextlib.ExitStack() as turn:
+        with contextlib.suppress(OSError):  # without a writable cache directory, each process measures
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fcntl.flock(turn.enter_context(open(path.with_name(path.name + ".lock"), "a")), fcntl.LOCK_EX)
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: measured again
+            cached = {}
+        if key in cached:
+            return cached[key], f"measured: {how} (cached in {path})"
+        cached[key] = measured_matmul_flops(dtype)
+        with contextlib.suppress(OSError):  # the measurement stands without the cache
+            atomic_write_text(path, json.dumps(cached, indent=1, sort_keys=True))
     return cached[key], f"measured: {how}"
 
 
