@@ -3,7 +3,8 @@ fake tensors cannot show (CUDA kernels, autocast on CUDA, pinned copies, the GPU
 memory statistics, host waits).
 
 Every test is skipped where CUDA is unavailable, which is every machine of this project so far;
-bench/gpu_check.sh installs what is missing and runs them on a machine with one NVIDIA GPU.
+bench/gpu_check.sh runs them on a machine with one NVIDIA GPU (docs/gpu-check.md), where the tiny
+models take MiniLM's tokenizer from its kit when the model package is not installed.
 
 - The training step (two micro-batches, bf16; fp16 with the grad scaler; the causal-LM loss) runs
   under `torch.cuda.set_sync_debug_mode("error")`: any CUDA operation that makes the host wait
