@@ -9,7 +9,6 @@ the last, partial block is kept with its padding masked out of the loss, unless 
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch.utils.data import Dataset
 
 from data.jsonl import jsonl_records
 from data.text_files import read_errors_reported, text_lines
-from engine.files import atomic_write_text, publish
+from engine.files import atomic_write_text, process_tag, publish
 from engine.errors import UserError
 from engine.progress import progress
 from engine.settings import setting
@@ -156,7 +155,7 @@ def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict
     cache_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     eos = tokenizer.eos_token_id
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    temporary = path.with_suffix(f".tmp{process_tag()}")
     tokens = documents_done = 0
     with open(temporary, "wb") as out:
         for batch in progress(_batches(documents, TOKENIZE_BATCH), "tokenize", f"x{TOKENIZE_BATCH} documents"):

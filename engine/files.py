@@ -7,14 +7,20 @@ after a rename's metadata unless told otherwise: so everything is fsync'ed befor
 publishes it, and the directory holding it after (the order SQLite and PostgreSQL keep).
 """
 import os
+import socket
 from pathlib import Path
 
 
+def process_tag() -> str:
+    """This process's own part of a temporary file's name: processes under torchrun, on one node or
+    on several sharing a disk (where process ids repeat), may write the same file."""
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing. The temporary name is the process's own, since processes under
-    torchrun may write the same file."""
+    """Write a whole file or nothing, under a temporary name of this process's own."""
     path = Path(path)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f"{path.name}.{process_tag()}.tmp")
     temporary.write_text(text, encoding="utf-8")
     publish(temporary, path)
 

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.files import publish
+from engine.files import process_tag, publish
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _write_dequantized(path: Path, target: Path, unwritable: str) -> None:
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the GGUF file {path}: {_first_line(error)}") from None
     _forget_gguf_quantization(model)
-    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    temporary = target.with_name(f"{target.name}.{process_tag()}.tmp")
     try:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
@@ -185,7 +185,11 @@ def load_model(path: str, kind: str, attention_dropout: float | None = None):
             if hasattr(config, key):
                 setattr(config, key, attention_dropout)
     try:
-        model, info = auto_class(kind).from_pretrained(path, config=config, output_loading_info=True)
+        # No Hub kernels (transformers 5.25 swaps layers for them by default, at every train()/eval()):
+        # they are downloaded at run time, which offline machines cannot, and they would make a run's
+        # numbers depend on what the Hub served that day.
+        model, info = auto_class(kind).from_pretrained(path, config=config, output_loading_info=True,
+                                                       use_kernels=False)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load a {kind} model from {path!r}: {_first_line(error)}") from None
     missing = sorted({key.split(".")[0] for key in info["missing_keys"]})
