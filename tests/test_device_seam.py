@@ -168,26 +168,39 @@ def test_a_pass_casts_each_weight_once_frozen_ones_too():
 
 @pytest.fixture
 def torchrun(monkeypatch):
-    """This process as rank 1 of 2 on its machine; the process group's creation recorded, not done."""
-    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+    """This process as rank 1 of 2 on its machine, started for the third time by torchrun
+    --max-restarts; the process group's creation recorded, not done, on an in-memory store."""
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "TORCHELASTIC_RESTART_COUNT": "2"}.items():
         monkeypatch.setenv(name, value)
     init_process_group = recorder()
+    init_process_group.store = torch.distributed.HashStore()
+    monkeypatch.setattr(torch.distributed, "rendezvous", lambda url: iter([(init_process_group.store, 1, 2)]))
     monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
     return init_process_group
+
+
+def process_group_call(torchrun) -> tuple[str, dict]:
+    """The backend and the settings the process group was created with, its store checked: the
+    keys of this start go under a prefix of their own (the store outlives torchrun's restarts)."""
+    [(backend, settings)] = torchrun.calls
+    settings.pop("store").set("address", "of this start")
+    assert torchrun.store.get("start-2/address") == b"of this start"
+    assert settings.pop("rank") == 1 and settings.pop("world_size") == 2
+    return backend, settings
 
 
 def test_torchrun_on_cuda_uses_local_rank_gpu_and_nccl(gpu, torchrun):
     device = init_processes("auto")
     assert device == torch.device("cuda", 1)
     assert gpu.set_device.calls == [(torch.device("cuda", 1),)]
-    assert torchrun.calls == [("nccl", {"device_id": torch.device("cuda", 1)})]
+    assert process_group_call(torchrun) == ("nccl", {"device_id": torch.device("cuda", 1)})
 
 
 def test_torchrun_on_cpu_uses_gloo(gpu, torchrun):
     device = init_processes("cpu")
     assert device == CPU
     assert gpu.set_device.calls == []
-    assert torchrun.calls == [("gloo", {"device_id": None})]
+    assert process_group_call(torchrun) == ("gloo", {"device_id": None})
 
 
 def test_torchrun_with_a_numbered_gpu_is_a_user_error(gpu, torchrun):
