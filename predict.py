@@ -39,7 +39,7 @@ from data.hf_datasets import load_splits
 from data.squad import SquadExample, SquadExamples
 from data.text_blocks import TokenCacheSettings, base_suffix
 from data.text_files import read_text
-from engine.checkpoint import find_checkpoint, load_run_config, verified_checkpoint
+from engine.checkpoint import BEST, find_checkpoint, load_run_config, verified_checkpoint
 from engine.device import DeviceSettings, configure_device, out_of_memory_as_error, pick_precision
 from engine.distributed import close_processes, init_processes, launched_by_torchrun
 from engine.errors import UserError, run_cli
@@ -140,7 +140,7 @@ def locate(name: str) -> Path:
     """The checkpoint --checkpoint names; a model alias or .gguf file names that base model."""
     if name in PACKAGED_MODELS or name.endswith(".gguf"):
         return Path(resolve_model(name))
-    return find_checkpoint(Path(name), "best")
+    return find_checkpoint(Path(name), BEST)
 
 
 def scores_text(settings: PredictSettings, run_config: dict) -> bool:

@@ -28,13 +28,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from clm.task import CLMSettings, CLMTask
 from data import DataSettings
 from data.batching import TrainBatches, prefetched, step_plan, without_needless_mask
-from engine.checkpoint import (find_checkpoint, load_saved_run, output_directory_lock, save_checkpoint,
-                               verified_checkpoint)
+from engine.checkpoint import BEST, LATEST, load_saved_run, output_directory_lock, save_checkpoint, verified_checkpoint
 from engine.device import (DeviceSettings, OutOfMemory, autocast, autocast_for_pass, configure_device, forked_rng,
                            grad_scaler, host_values, memory_mb, out_of_memory_as_error, peak_flops, peak_memory_mb,
                            pick_precision, pinned, restore_rng_state, rng_state, to_device)
 from engine.distributed import (clip_grad_norm, close_processes, from_main, full_model_state, gather_to_main,
-                                gradient_sync, held_state_mb, init_processes, is_distributed, is_main,
+                                gradient_sync, held_state_mb, init_processes, is_distributed, is_main, is_sharded,
                                 load_optimizer_state, optimizer_state, rank, sum_over_ranks, targets_over_ranks,
                                 unwrap, world_size, wrap_model)
 from engine.errors import UserError, run_cli
@@ -44,6 +43,8 @@ from engine.planning import (Projection, StepTime, compile_pays, describe_dry_ru
                              mfu, planned_step_flops, project)
 from engine.settings import HPARAM, TRAJECTORY, as_saved, changed_trajectory, parse, setting, with_role, write_config
 from engine.signals import StopRequest
+from engine.storage import (RESUME_AUTO, Storage, all_gathered, from_main_to_writers, once_per_node, output_storage,
+                            resume_point)
 from engine.task import Task
 from engine.tensorboard import run_writer, write_hparams
 from models.backbones import count_parameters, resolve_model
@@ -94,7 +95,10 @@ class TrainSettings(ModelSettings, DataSettings, QASettings, CLMSettings, Optimi
     save_steps: int = setting(200, "also save the latest checkpoint every N optimizer steps", at_least=1)
     log_steps: int = setting(10, "TensorBoard logging interval in optimizer steps", at_least=1)
     resume: str | None = setting(None, "continue an interrupted run from checkpoint DIR, or from run directory DIR's "
-                                       "latest/ (default: OUTPUT_DIR/latest)", bare="latest", recorded=False)
+                                       "latest/ (default: OUTPUT_DIR/latest); `auto`: from OUTPUT_DIR/latest if "
+                                       "there is one, else start fresh, so that one command line serves the first "
+                                       "start and every restart (torchrun --max-restarts)", bare=LATEST,
+                                 recorded=False)
     fsdp: bool = setting(False, "under torchrun: shard weights, gradients and optimizer state across the processes "
                                 "(FSDP2) instead of replicating the model in each (DDP)", roles=(TRAJECTORY,))
     early_stopping_patience: int | None = setting(
@@ -186,6 +190,7 @@ class Run:
     flops: SequenceFlops  # of the model's forward and training passes, by sequence length
     feature_flops: np.ndarray  # of training on each feature, forward and backward
     peak_flops: float | None  # of one process's device in the run's precision, for MFU (None: unknown)
+    storage: Storage  # whether the nodes share the output directory, and which processes write checkpoints
     compile_note: str = ""  # what --compile auto decided, and why
 
 
@@ -201,11 +206,11 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
         raise UserError("--fsdp with --precision fp16 is not supported (its loss scaling would need the sharded "
                         "gradients' overflow checks): use bf16")
     output_dir = Path(settings.output_dir)
-    resume_from = None
-    if settings.resume:
-        resume_from = find_checkpoint(output_dir if settings.resume == "latest" else Path(settings.resume), "latest",
-                                      settings.task)
-    source = resolve_model(settings.model)
+    storage = output_storage(output_dir)
+    if world_size() > 1:
+        log.info("%s", storage.describe(output_dir))
+    resume_from = resume_point(settings.resume, output_dir, settings.task, storage)
+    source = once_per_node(lambda: resolve_model(settings.model))
     with verified_checkpoint(resume_from, settings.task) if resume_from else contextlib.nullcontext():
         saved = load_saved_run(resume_from) if resume_from else None
         task = TASKS[settings.task](settings, source, saved.run_config if saved else None)
@@ -247,7 +252,8 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
             restore_rng_state(rng_states[rank()], device)
         state = TrainingState(**saved.training_state["state"])
         log.info("resumed from %s at step %d (epoch %d)", resume_from, state.step, state.epoch + 1)
-    if is_main() and not settings.dry_run:  # once a resumed run has passed its check: a refused one leaves it as it was
+    # Once a resumed run has passed its check: a refused one leaves the directory as it was.
+    if storage.writes() and not settings.dry_run:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_config(output_dir, settings, resolved)
 
@@ -261,7 +267,7 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
     eval_before_training = (settings.eval_before_training if settings.eval_before_training is not None
                             else not untrained_head)  # a fresh span head would score about nothing
     return Run(settings, resolved, device, precision, task, model, batches, total_steps, optimizer, scheduler, scaler,
-               state, output_dir, (trainable, total), eval_before_training, flops, feature_flops, peak)
+               state, output_dir, (trainable, total), eval_before_training, flops, feature_flops, peak, storage)
 
 
 OUT_OF_MEMORY_REMEDIES = ("lower --batch-size and raise --grad-accum-steps by as much (the same global batch), or "
@@ -352,16 +358,24 @@ def evaluate(run: Run) -> dict:
 
 
 def save(run: Run, name: str, with_training_state: bool, scores: dict | None = None) -> None:
-    """Every process takes part (a sharded model and optimizer are gathered); rank 0 writes."""
+    """Every process takes part (a sharded model and optimizer are gathered); rank 0 writes, and on
+    node-local disks the first process of each other disk too (engine/storage.py)."""
+    storage = run.storage
     model_state = full_model_state(run.model)
+    if model_state is not None:  # gathered on rank 0 alone
+        model_state = from_main_to_writers(model_state, storage)
     training_state = None
     if with_training_state:
+        optimizer = optimizer_state(run.model, run.optimizer)
+        if is_sharded(run.model):  # gathered on rank 0 alone
+            optimizer = from_main_to_writers(optimizer, storage)
         training_state = {
-            "optimizer": optimizer_state(run.model, run.optimizer), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "rng": gather_to_main(rng_state(run.device)), "state": asdict(run.state),
-            "args": as_saved(run.settings, run.resolved),
+            "optimizer": optimizer,
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "rng": (gather_to_main if storage.shared else all_gathered)(rng_state(run.device)),
+            "state": asdict(run.state), "args": as_saved(run.settings, run.resolved),
         }
-    if is_main():
+    if storage.writes():
         save_checkpoint(run.output_dir / name, unwrap(run.model), run.task.tokenizer,
                         {**run.task.run_config, "eval": scores}, training_state, model_state)
 
@@ -380,11 +394,11 @@ def evaluate_and_save(run: Run, writer) -> dict:
     gain = None if state.best_score is None else (score - state.best_score) * (1 if task.higher_is_better else -1)
     if gain is None or gain > 0:
         state.best_score, state.best_step = score, state.step
-        save(run, "best", with_training_state=False, scores=scores)
+        save(run, BEST, with_training_state=False, scores=scores)
     writer.add_scalar(f"best/{task.metric}", state.best_score, state.step)
     if state.step > 0 and run.settings.early_stopping_patience:  # the evaluation before training is the baseline
         count_patience(run, writer, gain)
-    save(run, "latest", with_training_state=True, scores=scores)
+    save(run, LATEST, with_training_state=True, scores=scores)
     return scores
 
 
@@ -490,7 +504,7 @@ def train(run: Run) -> None:
                 if epoch_end or settings.eval_steps and state.step % settings.eval_steps == 0:
                     evaluate_and_save(run, writer)
                 elif state.step % settings.save_steps == 0 or step.stop:
-                    save(run, "latest", with_training_state=True)
+                    save(run, LATEST, with_training_state=True)
                 if step.stop:
                     bar.close()
                     writer.close()
@@ -598,8 +612,8 @@ def finish(run: Run) -> None:
     if main_process:
         write_results(run, scores, state_mb)
         if run.settings.merge_lora:
-            export_merged(run.output_dir / "best", run.output_dir / "merged", run.task.tokenizer)
-            log.info("merged the LoRA adapter of %s into %s", run.output_dir / "best", run.output_dir / "merged")
+            export_merged(run.output_dir / BEST, run.output_dir / "merged", run.task.tokenizer)
+            log.info("merged the LoRA adapter of %s into %s", run.output_dir / BEST, run.output_dir / "merged")
     # DDP's reducer holds the process group: released after it, the group's teardown can deadlock.
     run.model = None
     close_processes()
@@ -701,9 +715,15 @@ def main(argv=None) -> None:
                 raise SystemExit(1)
             return
         # A run killed after its last checkpoint but before results.json is finished by --resume.
-        if (run.state.step >= run.total_steps or run.state.stopped_early) and (output_dir / RESULTS).is_file():
-            raise UserError(f"nothing to do: the run in {output_dir} already finished at step {run.state.step}"
-                            + (" (stopped early)" if run.state.stopped_early else ""))
+        if (run.state.step >= run.total_steps or run.state.stopped_early) and from_main((output_dir / RESULTS).is_file()):
+            done = f"the run in {output_dir} already finished at step {run.state.step}" + (
+                " (stopped early)" if run.state.stopped_early else "")
+            if settings.resume != RESUME_AUTO:
+                raise UserError(f"nothing to do: {done}")
+            log.info("--resume auto: nothing to do: %s", done)
+            run.model = None  # DDP's reducer holds the process group (see finish)
+            close_processes()
+            return
         train(run)
         finish(run)
 

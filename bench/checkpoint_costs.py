@@ -93,13 +93,18 @@ def verification_row(name: str, best: Path, settings: dict, repeats: int) -> lis
             f"{loads['verified'] - loads['plain']:+.3f}", f"{loads['hashing']:.3f}", f"{manifest:.2f}"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def checkpoint_bench_parser(description: str, repeats: int, report: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark of checkpoint saves: where, which models, how many times, the report."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--directory", default=tempfile.gettempdir(), help="where to save (the disk runs write to)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "checkpoint_costs.md")
-    args = p.parse_args()
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / report)
+    return p
+
+
+def main() -> None:
+    args = checkpoint_bench_parser(__doc__, 5, "checkpoint_costs.md").parse_args()
     disk = subprocess.run(["df", "-T", args.directory], capture_output=True, text=True).stdout.splitlines()[-1].split()
     measured = []
     with tempfile.TemporaryDirectory(dir=args.directory) as work:

@@ -16,6 +16,7 @@ from data.text_blocks import (GroupedTextBlocks, TokenCacheSettings, content_has
                               source_files, token_stream)
 from engine.errors import UserError
 from engine.settings import TRAJECTORY, setting
+from engine.storage import once_per_node
 from engine.task import Task
 from models.backbones import DECODER_ONLY, architecture, load_config, load_tokenizer
 from models.build import check_transfer
@@ -101,11 +102,17 @@ def pad_token_id(tokenizer) -> int:
 NO_TEXT = "no text to evaluate on (empty or whitespace only)"
 
 
+def cached_tokens(source: TextSource, tokenizer, cache_dir: str):
+    """The source's tokens, from the token cache: tokenized by one process of each node (under
+    torchrun), found there by the others."""
+    return once_per_node(lambda: token_stream(source.documents(), tokenizer, Path(cache_dir), source.key))
+
+
 def evaluation_blocks(source: TextSource, tokenizer, block_size: int, cache_dir: str,
                       nothing: str = NO_TEXT) -> GroupedTextBlocks:
     """The blocks whose perplexity is measured, by train.py's evaluations and by predict.py alike, so
     that both give the same number on the same text; `nothing` says why there is no target token."""
-    tokens = token_stream(source.documents(), tokenizer, Path(cache_dir), source.key)
+    tokens = cached_tokens(source, tokenizer, cache_dir)
     if len(tokens) < 2:  # no target: a perplexity of zero tokens
         raise UserError(f"{source.where}: {nothing}")
     return GroupedTextBlocks(tokens, block_size)
@@ -128,7 +135,7 @@ class CLMTask(Task):
         check_transfer(settings, config, "causal-lm")
         self.tokenizer = text_tokenizer(model_source, f"--task clm: {settings.model}")
         train, validation, nothing = self._sources(settings)
-        train_tokens = token_stream(train.documents(), self.tokenizer, Path(settings.cache_dir), train.key)
+        train_tokens = cached_tokens(train, self.tokenizer, settings.cache_dir)
         if not len(train_tokens):
             raise UserError(f"{train.where}: no text to train on (empty or whitespace only)")
         if len(train_tokens) - 1 < block_size:

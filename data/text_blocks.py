@@ -155,7 +155,7 @@ def token_stream(documents: Iterator[str], tokenizer, cache_dir: Path, key: dict
     cache_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     eos = tokenizer.eos_token_id
-    temporary = path.with_suffix(f".tmp{process_tag()}")
+    temporary = path.with_name(f"{path.name}.{process_tag()}.tmp")
     tokens = documents_done = 0
     with open(temporary, "wb") as out:
         for batch in progress(_batches(documents, TOKENIZE_BATCH), "tokenize", f"x{TOKENIZE_BATCH} documents"):

@@ -40,6 +40,7 @@ RUN_CONFIG = "run_config.json"  # the task settings that inference must reuse (w
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # of the checkpoint layout; raised when a change would make older code misread it
 LOCK_FILE = ".lock"
+LATEST, BEST = "latest", "best"  # a run directory's checkpoints: its last save (to resume from), its best evaluation's
 
 
 def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, training_state: dict | None = None,
@@ -49,20 +50,14 @@ def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, trainin
     temporary = directory.with_name(f"{directory.name}.tmp")
     try:
         shutil.rmtree(temporary, ignore_errors=True)
-        model.save_pretrained(temporary, state_dict=state_dict)
+        with saving_on_any_rank(model):
+            model.save_pretrained(temporary, state_dict=state_dict)
         tokenizer.save_pretrained(temporary)
         (temporary / RUN_CONFIG).write_text(json.dumps(run_config, indent=2))
         if training_state is not None:
             torch.save(training_state, temporary / TRAINING_STATE)
-        write_manifest(temporary, run_config)
-        previous = directory.with_name(f"{directory.name}.old")
-        if directory.exists():
-            if previous.exists():  # an earlier save was cut after its renames: keep the intact one of the two
-                shutil.rmtree(previous if _intact(directory) else directory)
-            if directory.exists():
-                os.replace(directory, previous)
-        publish(temporary, directory)
-        shutil.rmtree(previous, ignore_errors=True)  # only now: the new version is on the disk
+        write_manifest(temporary, run_config, training_state["state"]["step"] if training_state else None)
+        replace_checkpoint(temporary, directory)
     # A full disk surfaces as OSError from Python's own writes, but as RuntimeError from torch.save
     # and SafetensorError from safetensors.
     except (OSError, RuntimeError, SafetensorError) as error:
@@ -71,6 +66,38 @@ def save_checkpoint(directory: Path, model, tokenizer, run_config: dict, trainin
         free = shutil.disk_usage(directory.parent).free / 2**20 if directory.parent.exists() else 0
         raise UserError(f"{directory}: cannot save the checkpoint ({reason}; {free:.0f} MB free there); the "
                         f"previous {directory.name}/ is kept") from None
+
+
+@contextlib.contextmanager
+def saving_on_any_rank(model):
+    """Let `model.save_pretrained` write on this process: under a process group transformers writes
+    on rank 0 alone, but on node-local disks each node's first process writes its disk's copy
+    (engine/storage.py), and the caller decides who saves."""
+    if not hasattr(model, "should_save_on_this_rank"):  # a PEFT adapter, which PEFT saves on any rank
+        yield
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        del model.should_save_on_this_rank
+
+
+def replace_checkpoint(temporary: Path, directory: Path) -> None:
+    """Publish a complete checkpoint written at `temporary` as `directory`, keeping the previous
+    version as `<dir>.old` until the new one is on the disk."""
+    previous = directory.with_name(f"{directory.name}.old")
+    if directory.exists():
+        if previous.exists():  # an earlier save was cut after its renames: keep the intact one of the two
+            shutil.rmtree(previous if _intact(directory) else directory)
+        if directory.exists():
+            os.replace(directory, previous)
+    publish(temporary, directory)
+    shutil.rmtree(previous, ignore_errors=True)  # only now: the new version is on the disk
+
+
+class NoCheckpoint(UserError):
+    """Nothing that looks like a checkpoint where one was looked for."""
 
 
 class DamagedCheckpoint(UserError):
@@ -82,11 +109,12 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_manifest(directory: Path, run_config: dict) -> None:
+def write_manifest(directory: Path, run_config: dict, step: int | None = None) -> None:
+    """`step`: the optimizer steps the checkpoint's training state has taken (None: it has none)."""
     files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = {"format": FORMAT_VERSION, "task": run_config.get("task"), "model_kind": run_config.get("model_kind"),
-                "files": files}
+                "step": step, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -208,7 +236,7 @@ def find_checkpoint(directory: Path, in_run_directory: str, task: str | None = N
                     if any((version / name).is_file() for name in ("config.json", "adapter_config.json", MANIFEST))]
         if versions:
             return _newest_intact(versions, task)
-    raise UserError(f"{directory}: no checkpoint there (expected a model directory with config.json, a LoRA "
+    raise NoCheckpoint(f"{directory}: no checkpoint there (expected a model directory with config.json, a LoRA "
                     f"adapter with adapter_config.json, or a run directory with {in_run_directory}/)")
 
 
@@ -236,6 +264,15 @@ def _newest_intact(versions: list[Path], task: str | None) -> Path:
     if len(damaged) == 1:
         raise damaged[0]
     raise DamagedCheckpoint("; ".join(map(str, damaged)) + ": no intact version is left")
+
+
+def saved_step(directory: Path) -> int:
+    """The step of a checkpoint's training state, from its manifest (-1: a checkpoint without one)."""
+    try:
+        step = json.loads((Path(directory) / MANIFEST).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return -1
+    return -1 if step is None else step
 
 
 def load_run_config(directory: Path) -> dict:

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from engine.checkpoint import saving_on_any_rank
 from engine.files import process_tag, publish
 from engine.errors import UserError
 
@@ -99,8 +100,10 @@ def _write_dequantized(path: Path, target: Path, unwritable: str) -> None:
     _forget_gguf_quantization(model)
     temporary = target.with_name(f"{target.name}.{process_tag()}.tmp")
     try:
-        model.save_pretrained(temporary)
+        with saving_on_any_rank(model):  # the first process of each node writes its node's copy
+            model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
+        shutil.rmtree(target, ignore_errors=True)  # a copy without its model (no config.json), if one was left
         publish(temporary, target)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -62,9 +63,41 @@ def single_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun_command(*args, script: str = "train.py") -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-            *map(str, args)]
+STANDALONE = ("--standalone", "--nproc_per_node=2")  # two processes on this machine
+
+
+def torchrun_command(*args, script: str = "train.py", launch=STANDALONE) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launch, script, *map(str, args)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def can_mount() -> bool:
+    """Whether this process may give a child its own mount namespace (root, or user namespaces)."""
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+def node_commands(args: list, output_dir: Path, disks: list[Path | None], script: str = "train.py") -> list[list[str]]:
+    """`script` (train.py) under torchrun as several nodes of one process each, on this machine with a static
+    rendezvous: node k has `disks[k]` mounted over `output_dir` in a mount namespace of its own (the
+    node's local disk, which outlives its processes), or, for None, `output_dir` itself (a shared disk)."""
+    launch = ("--nnodes", str(len(disks)), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+              str(free_port()))
+    commands = []
+    for node, disk in enumerate(disks):
+        command = torchrun_command(*args, "--output-dir", output_dir, script=script,
+                                   launch=(*launch, "--node-rank", str(node)))
+        if disk is not None:
+            disk.mkdir(parents=True, exist_ok=True)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            command = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"', str(disk),
+                       str(output_dir), *command]
+        commands.append(command)
+    return commands
 
 
 def run_torchrun(*args, timeout: int = 300, script: str = "train.py") -> subprocess.CompletedProcess:
@@ -88,13 +121,39 @@ def children(pid: int) -> list[int]:
     return [int(line) for line in found.split()]
 
 
-def start_until_saved(command: list[str], output_dir: Path, step: int, **pipes) -> subprocess.Popen:
-    """`command` in the background, returned once `output_dir/latest` holds step `step` or later."""
-    process = subprocess.Popen(command, cwd=ROOT, text=True, env=single_thread_env(), start_new_session=True, **pipes)
+def started(commands: list[list[str]], logs: Path) -> list[subprocess.Popen]:
+    """`commands` in the background, each in a session of its own, their output in `logs`/0.log, 1.log, ..."""
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for k, command in enumerate(commands):
+        with open(logs / f"{k}.log", "w") as log:
+            processes.append(subprocess.Popen(command, cwd=ROOT, text=True, env=single_thread_env(),
+                                              start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+    return processes
+
+
+def start_until_saved(commands: list[list[str]], output_dir: Path, step: int, logs: Path) -> list[subprocess.Popen]:
+    """`started(commands, logs)`, returned once `output_dir/latest` holds step `step` or later."""
+    processes = started(commands, logs)
     deadline = time.monotonic() + 120
-    while saved_step(output_dir) < step and process.poll() is None and time.monotonic() < deadline:
+    while saved_step(output_dir) < step and all(p.poll() is None for p in processes) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return process
+    return processes
+
+
+def finished(processes: list[subprocess.Popen], logs: Path, timeout: int = 180) -> str:
+    """Wait for `started` processes to end; their output, one after another."""
+    for process in processes:
+        process.wait(timeout=timeout)
+    return "\n".join((logs / f"{k}.log").read_text() for k in range(len(processes)))
+
+
+def all_succeeded(commands: list[list[str]], logs: Path) -> str:
+    """Run `commands` together (a job's nodes) to their end; their output, once each exited with 0."""
+    processes = started(commands, logs)
+    output = finished(processes, logs)
+    assert all(p.returncode == 0 for p in processes), f"exits {[p.returncode for p in processes]}\n{output[-5000:]}"
+    return output
 
 
 def phase(output_dir: Path, stderr: bytes) -> str:
@@ -111,14 +170,13 @@ def phase(output_dir: Path, stderr: bytes) -> str:
 
 def killed_at(argv: list[str], output_dir: Path, moments: list[str], rng: random.Random | None = None,
               latest_at: float = 0.0) -> list[str]:
-    """`python train.py argv`, SIGKILLed at each of `moments` in turn and restarted with --resume each
-    time, then left to finish. A moment is "evaluating" or "saving" (as soon as the run is at it) or
+    """`python train.py argv --resume auto`, SIGKILLed at each of `moments` in turn and started again
+    the same way each time, then left to finish. A moment is "evaluating" or "saving" (as soon as the run is at it) or
     "at random" (drawn by `rng`, within `latest_at` seconds of the process's start). Returns the
     phase of each kill; fewer than `moments` if the run ended before one came."""
     phases = []
     while not (output_dir / "results.json").exists():  # written last: a run killed after it has finished
-        resume = ["--resume"] if (output_dir / "latest").is_dir() or (output_dir / "latest.old").is_dir() else []
-        process = subprocess.Popen([sys.executable, "train.py", *argv, "--output-dir", str(output_dir), *resume],
+        process = subprocess.Popen([sys.executable, "train.py", *argv, "--output-dir", str(output_dir), "--resume", "auto"],
                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         stderr = bytearray()
 

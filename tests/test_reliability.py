@@ -285,7 +285,7 @@ def write_everything(output_dir, model_dir, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     for step in (1, 2):
-        save_checkpoint(output_dir / "latest", model, tokenizer, {"task": "clm"}, {"step": step})
+        save_checkpoint(output_dir / "latest", model, tokenizer, {"task": "clm"}, {"state": {"step": step}})
     atomic_write_text(output_dir / "results.json", "{}")
     token_stream(iter(["One document.", "Another one."]), tokenizer, output_dir / "cache", {"content": "two"})
 
@@ -295,7 +295,7 @@ MISSING_FSYNC = {  # what to leave out -> a path the violation must name
     "the checkpoint directory": (lambda p: p.name == "latest.tmp", "latest.tmp"),
     "the output directory after a rename": (lambda p: p.name == "out", "out never fsync'ed"),
     "results.json": (lambda p: p.name.startswith("results.json."), "results.json."),  # its temporary file
-    "the token cache": (lambda p: p.suffix.startswith(".tmp") and p.suffix != ".tmp", ".tokens"),  # NAME.tmpPID
+    "the token cache": (lambda p: ".tokens." in p.name and p.suffix == ".tmp", ".tokens"),  # NAME.tokens.HOST.PID.tmp
 }
 
 

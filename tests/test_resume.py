@@ -1,13 +1,14 @@
 """Exact resume: a run interrupted in any way and resumed with --resume ends where the uninterrupted
 run ends: the same weights, optimizer, schedule and random states, scores and predictions, bit for
 bit (CPU, fp32), whatever the model, the part that trains, and however the run was stopped: an
-exception in a step, SIGKILL while evaluating or saving, SIGTERM or SIGKILL under torchrun (DDP and
-FSDP2). One test, a case per way; each case's uninterrupted twin runs once (the extractive one is
-the suite's shared tiny run)."""
+exception in a step, SIGKILL while evaluating or saving, SIGTERM under torchrun (FSDP2, and two
+nodes sharing a disk or each on its own), a worker SIGKILLed under torchrun --max-restarts. One
+test, a case per way; each case's uninterrupted twin runs once (the extractive one is the suite's
+shared tiny run, the torchrun ones two processes on one node)."""
+import json
 import os
 import shutil
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from safetensors.torch import load_file
 
 import train
 from conftest import GENERATIVE_RUN_FLAGS, ZERO_GRADIENT_TENSORS, assert_one_line_error, tiny_flags
-from runs import (children, crash_then_resume, differences, killed_at, run_single, run_torchrun, saved_step,
-                  start_until_saved, succeeded, torchrun_command)
+from runs import (STANDALONE, all_succeeded, can_mount, children, crash_then_resume, differences, equal, finished,
+                  killed_at, node_commands, run_single, run_torchrun, saved_step, start_until_saved, succeeded,
+                  torchrun_command, training_state, untimed)
 
 
 def clm_flags(model_dir, cache: Path):
@@ -48,7 +50,7 @@ def torchrun_flags(model_dir, *extra):
 class Case:
     model: str  # the model's fixture
     flags: Callable  # (model directory, a directory for caches) -> train.py flags, without --output-dir
-    interrupt: str  # crash, kill, torchrun-sigterm or torchrun-sigkill
+    interrupt: str  # a key of INTERRUPTIONS
     crash: tuple[int, int, int] = (0, 0, 0)  # the train_step call that raises, the step latest/ then held, the last step
     twin_drops: tuple[str, ...] = ()  # flags the uninterrupted twin runs without
     atol: float = 0.0  # 0: bit for bit
@@ -75,9 +77,13 @@ CASES = {
         "tiny_model_dir", lambda m, c: tiny_flags(m, "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4",
                                                   "--eval-batch-size", "2", "--log-steps", "1",
                                                   "--no-eval-before-training"), "kill"),
-    "torchrun DDP, SIGTERM": Case("tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-sigterm"),
+    "torchrun, two nodes sharing a disk, SIGTERM, --resume auto": Case(
+        "tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-nodes-sigterm"),
     "torchrun FSDP, SIGTERM": Case("tiny_model_dir", lambda m, c: torchrun_flags(m, "--fsdp"), "torchrun-sigterm"),
-    "torchrun, every process SIGKILLed": Case("tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-sigkill"),
+    "torchrun --max-restarts, a worker SIGKILLed, --resume auto": Case(
+        "tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-restart"),
+    "torchrun, two nodes on disks of their own, SIGTERM, then one disk lost": Case(
+        "tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-nodes-local"),
 }
 
 
@@ -115,22 +121,38 @@ def kill(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
     assert killed_at(flags, output_dir, ["evaluating", "saving"]) == ["evaluating", "saving"]
 
 
-def torchrun_sigterm(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
-    """SIGTERM to torchrun in mid-run stops every process at the same step with one save, resumed
-    under torchrun (FSDP: from the gathered optimizer state, sharded again). A DDP run may also
-    resume in one process with the same global batch, and refuses another."""
-    process = start_until_saved(torchrun_command(*with_output(flags, output_dir)), output_dir, 2,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+def stopped_by_sigterm(commands: list[list[str]], output_dir: Path) -> int:
+    """SIGTERM to each of `commands` (torchrun's agents, as a scheduler stops a job) after its second
+    save stops every process at the same step with one save; returns that step."""
+    logs = output_dir.with_name("stopped-logs")
+    processes = start_until_saved(commands, output_dir, 2, logs)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    output = finished(processes, logs, timeout=60)
     step = saved_step(output_dir)
-    assert 2 <= step < TORCHRUN_STEPS, f"stopped at {step}\n{stderr[-3000:]}"
-    assert stderr.count(f"stopped at step {step}; continue with --resume") == 1, stderr[-3000:]
-    assert "Traceback" not in stderr.split("stopped at step")[0], stderr[-3000:]
-    one_process = shutil.copytree(output_dir, output_dir.with_name("one-process"))
+    assert 2 <= step < TORCHRUN_STEPS, f"stopped at {step}\n{output[-3000:]}"
+    assert output.count(f"stopped at step {step}; continue with --resume") == 1, output[-3000:]
+    # torchrun's agents report the signal with a traceback of their own; no process of ours has one
+    assert output.count("Traceback") == output.count("SignalException: Process"), output[-3000:]
+    return step
+
+
+def torchrun_sigterm(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
+    """SIGTERM in mid-run, resumed under torchrun with --resume: FSDP from the gathered optimizer
+    state, sharded again."""
+    stopped_by_sigterm([torchrun_command(*with_output(flags, output_dir))], output_dir)
     succeeded(run_torchrun(*with_output(flags, output_dir), "--resume"))
-    if "--fsdp" in flags:
-        return
+
+
+def torchrun_nodes_sigterm(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
+    """Two nodes (static rendezvous) whose output directory is one shared disk: stopped by SIGTERM,
+    then the same command again continues (--resume auto). The DDP run may also resume in one
+    process with the same global batch, and refuses another."""
+    nodes = [None, None]
+    stopped_by_sigterm(node_commands([*flags, "--resume", "auto"], output_dir, nodes), output_dir)
+    one_process = shutil.copytree(output_dir, output_dir.with_name("one-process"))
+    output = all_succeeded(node_commands([*flags, "--resume", "auto"], output_dir, nodes), output_dir.with_name("logs"))
+    assert "shared by all 2 processes" in output
     refused = run_single(*with_output(flags, one_process), "--resume")  # the command line's one error line
     assert_one_line_error(refused, "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4")
     batch = flags.index("--batch-size") + 1
@@ -138,20 +160,53 @@ def torchrun_sigterm(case: Case, flags: list, output_dir: Path, monkeypatch) -> 
     assert saved_step(one_process) == TORCHRUN_STEPS
 
 
-def torchrun_sigkill(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
-    """Every process killed at once, as when a machine is lost, perhaps in the middle of a save: the
-    run resumes from its last complete checkpoint."""
-    process = start_until_saved(torchrun_command(*with_output(flags, output_dir)), output_dir, 3,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for pid in children(process.pid):  # torchrun starts its workers in sessions of their own
-        os.kill(pid, signal.SIGKILL)
-    process.kill()
-    process.wait(timeout=60)
-    assert not (output_dir / "results.json").exists(), "the run ended before it was killed"
-    succeeded(run_torchrun(*with_output(flags, output_dir), "--resume"))
+def torchrun_restart(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
+    """One worker SIGKILLed after a save (the OOM killer, a lost GPU): torchrun --max-restarts starts
+    the workers again with the same command line, which continues from latest/ by itself."""
+    logs = output_dir.with_name("logs")
+    command = torchrun_command(*with_output(flags, output_dir), "--resume", "auto",
+                               launch=(*STANDALONE, "--max-restarts", "1"))
+    [process] = start_until_saved([command], output_dir, 3, logs)
+    os.kill(children(process.pid)[-1], signal.SIGKILL)
+    output = finished([process], logs)
+    assert process.returncode == 0, output[-5000:]
+    assert "--resume auto: no checkpoint" in output and "resumed from" in output, output[-5000:]
 
 
-INTERRUPTIONS = {"crash": crash, "kill": kill, "torchrun-sigterm": torchrun_sigterm, "torchrun-sigkill": torchrun_sigkill}
+def torchrun_nodes_local(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
+    """Two nodes whose output directories are disks of their own (node 1's mounted over the path in
+    its mount namespace): each node writes its disk's copy of every checkpoint, so SIGTERM then the
+    same command resumes on both. Then node 1's disk is lost (a new machine, empty): rank 0 sends it
+    the checkpoints and the run goes on."""
+    if not can_mount():
+        pytest.skip("a node's own disk needs a mount namespace: unshare -m, as root")
+    disk = output_dir.with_name("node-1-disk")
+    nodes = [None, disk]
+    step = stopped_by_sigterm(node_commands([*flags, "--resume", "auto"], output_dir, nodes), output_dir)
+    assert saved_step(disk) == step and same_checkpoints(output_dir, disk)
+    shutil.rmtree(disk)
+    output = all_succeeded(node_commands([*flags, "--resume", "auto"], output_dir, nodes), output_dir.with_name("logs"))
+    assert "on 2 disks, not shared" in output and f"holds nothing: sending it step {step}'s" in output, output[-5000:]
+    assert same_checkpoints(output_dir, disk)
+
+
+def same_checkpoints(a: Path, b: Path) -> bool:
+    """Whether two output directories hold the same latest/ and best/: every file by its manifest's
+    sha256, but the training state, compared without its timings (each process times itself)."""
+    def files(directory: Path) -> dict:
+        return {name: entry for name, entry in json.loads((directory / "manifest.json").read_text())["files"].items()
+                if name != "training_state.pt"}
+
+    def state(directory: Path) -> dict:
+        saved = training_state(directory / "latest")
+        return {**saved, "state": untimed(saved["state"])}
+
+    return all(files(a / name) == files(b / name) for name in ("latest", "best")) and equal(state(a), state(b))
+
+
+INTERRUPTIONS = {"crash": crash, "kill": kill, "torchrun-sigterm": torchrun_sigterm,
+                 "torchrun-nodes-sigterm": torchrun_nodes_sigterm, "torchrun-restart": torchrun_restart,
+                 "torchrun-nodes-local": torchrun_nodes_local}
 
 
 @pytest.mark.parametrize("name", list(CASES))
