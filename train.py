@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import resource
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -83,6 +84,10 @@ class TrainSettings(ModelSettings, DataSettings, QASettings, CLMSettings, Optimi
     grad_accum_steps: int = setting(1, "micro-batches per optimizer step; the global batch is batch size x this x "
                                        "processes", at_least=1)
     seed: int = setting(42, "seed for initialisation, dropout and data order", roles=(TRAJECTORY, HPARAM))
+    seeds: tuple[str, ...] = setting((), "run the same recipe once per seed (comma-separated: 1,2,3,4,5), each with "
+                                         "--seed N into OUTPUT_DIR/seed-N, then write OUTPUT_DIR/seeds.json with each "
+                                         "score's mean, minimum, maximum and standard deviation: one run measures "
+                                         "its seed as much as its recipe", recorded=False)
     max_bad_steps: int = setting(5, "a step whose loss or gradients are not finite is skipped (no update); stop "
                                     "after this many in a row", at_least=1)
     eval_steps: int | None = setting(None, "also evaluate every N optimizer steps (always at each epoch end)",
@@ -120,6 +125,8 @@ class TrainSettings(ModelSettings, DataSettings, QASettings, CLMSettings, Optimi
                             "the text files")
         if self.compile and self.fsdp:
             raise UserError("--compile with --fsdp is not supported: use one or the other")
+        if any(not seed.isdigit() for seed in self.seeds) or len(set(self.seeds)) < len(self.seeds):
+            raise UserError(f"--seeds {','.join(self.seeds)}: give distinct whole numbers, e.g. --seeds 1,2,3")
         if self.early_stopping_min_delta and not self.early_stopping_patience:
             raise UserError("--early-stopping-min-delta needs --early-stopping-patience")
 
@@ -689,8 +696,41 @@ def dry_run(run: Run) -> dict:
     return report
 
 
+SEEDS = "seeds.json"
+
+
+def over_seeds(settings: TrainSettings) -> None:
+    """--seeds: the run once per seed, each in OUTPUT_DIR/seed-N (with --resume auto, a restarted
+    loop skips the finished ones), then the spread of every score over them."""
+    output_dir = Path(settings.output_dir)
+    for seed in settings.seeds:
+        train_once(replace(settings, seeds=(), seed=int(seed), output_dir=str(output_dir / f"seed-{seed}")))
+    if int(os.environ.get("RANK", "0")) != 0:  # the process groups are closed: torchrun's rank says who writes
+        return
+    results = {seed: json.loads((output_dir / f"seed-{seed}" / RESULTS).read_text())["eval"] for seed in settings.seeds}
+    spread = {}
+    for name in TASKS[settings.task].scalars:
+        values = [scores[name] for scores in results.values() if scores.get(name) is not None]
+        if len(values) == len(results):
+            spread[name] = {"mean": statistics.mean(values), "min": min(values), "max": max(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                            "by_seed": dict(zip(settings.seeds, values))}
+    atomic_write_text(output_dir / SEEDS, json.dumps({"seeds": list(settings.seeds), "scores": spread}, indent=2))
+    for name, score in spread.items():
+        print(f"{name} over seeds {', '.join(settings.seeds)}: mean {score['mean']:.4g}, min {score['min']:.4g}, "
+              f"max {score['max']:.4g}, std {score['std']:.3g}")
+    print(f"per seed: {output_dir}/seed-N; summary: {output_dir / SEEDS}; side by side: tensorboard --logdir {output_dir}")
+
+
 def main(argv=None) -> None:
     settings = parse_settings(argv)
+    if settings.seeds:
+        over_seeds(settings)
+    else:
+        train_once(settings)
+
+
+def train_once(settings: TrainSettings) -> None:
     device = init_processes(settings.device)  # under torchrun; plain `python train.py` has no process group
     if settings.fsdp and not is_distributed():
         raise UserError("--fsdp shards the model across processes: run train.py under torchrun "

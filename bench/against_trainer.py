@@ -31,6 +31,7 @@ each cell is the median of N runs. Writes a Markdown report to stdout and to `--
 """
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,21 @@ def score_cells(runs: list[dict], reference: list[dict] | None, v2: bool) -> lis
     return cells
 
 
+def seed_spread(runs: dict[str, list[dict]], metric: str) -> list[str]:
+    """The table of each configuration's scores over its seeds (and repeats)."""
+    keys = ["exact_match", "f1"] if metric == "f1" else [metric]
+    rows = []
+    for name, r in runs.items():
+        for key in keys:
+            values = [run["eval"][key] for run in r]
+            rows.append([name, key, len(values), f"{statistics.mean(values):.2f}", f"{min(values):.2f}",
+                         f"{max(values):.2f}", f"{statistics.stdev(values):.2f}",
+                         f"{statistics.mean(values) - min(values):.2f}", ", ".join(f"{v:.1f}" for v in values),
+                         f"{statistics.mean(run['wall_seconds'] for run in r):.0f}"])
+    return table(["configuration", "score", "runs", "mean", "min", "max", "std", "mean - min", "by seed",
+                  "whole run s, mean"], rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = p.add_subparsers(dest="task", required=True)
@@ -124,9 +140,13 @@ def main():
         task.add_argument("--configs", default=DEFAULT_CONFIGS[name], help="comma-separated WHO-PRECISION[-ORDER] "
                           "configurations (default: %(default)s)")
         task.add_argument("--repeats", type=int, default=1)
+        task.add_argument("--seeds", default="42", help="comma-separated seeds (--seed of each run): every configuration "
+                          "runs once per seed, and the report adds the mean, minimum, maximum and standard deviation of "
+                          "its scores over them (default: %(default)s)")
         task.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / f"against_trainer_{name}.md")
     args = p.parse_args()
     names = args.configs.split(",")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     configs = {name: configuration(name) for name in names}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,18 +156,19 @@ def main():
         runs = {}
         for name, (script, flags) in configs.items():
             runs[name] = []
-            for repeat in range(args.repeats):
-                output = directory / f"{name}-{repeat}"
-                # each run tokenizes for itself (clm), so that whole runs compare
-                cache = ["--cache-dir", str(directory / f"{name}-{repeat}-cache")] if args.task == "clm" else []
-                flags_of_run = [*workload.flags, *task_flags(args, script), *flags, *cache]
-                runs[name].append(run_training(script, flags_of_run, output))
+            for seed in seeds:
+                for repeat in range(args.repeats):
+                    output = directory / f"{name}-{repeat}-seed{seed}"
+                    # each run tokenizes for itself (clm), so that whole runs compare
+                    cache = ["--cache-dir", str(output.with_name(output.name + "-cache"))] if args.task == "clm" else []
+                    flags_of_run = [*workload.flags, *task_flags(args, script), *flags, *cache, "--seed", str(seed)]
+                    runs[name].append({**run_training(script, flags_of_run, output), "seed": seed})
             print(f"{name}: {median(runs[name], 'wall_seconds'):.0f} s, {workload.metric} "
                   f"{median(runs[name], workload.metric):.2f}", file=sys.stderr)
         v2 = "best_f1" in next(iter(runs.values()))[0]["eval"]
         ours = [name for name in names if configs[name][0] == TRAIN]
         # the held-out figure needs two halves of the validation articles
-        held_out = held_out_thresholds(directory / f"{ours[0]}-0" / "best", str(directory / "validation.json")) \
+        held_out = held_out_thresholds(directory / f"{ours[0]}-0-seed{seeds[0]}" / "best", str(directory / "validation.json")) \
             if v2 and ours and args.eval_articles > 1 else []
 
     trainers = [name for name in names if configs[name][0] == TRAINER]
@@ -179,7 +200,7 @@ def main():
     lines = [
         f"{workload.description}. {settings}, warmup 10% then linear decay, weight decay 0.01, clipping 1.0, fused "
         "AdamW, for every run. "
-        f"Median of {args.repeats} run(s) per row. Train s: time in training steps (ours) or in `Trainer.train()`; "
+        f"Median of {args.repeats * len(seeds)} run(s) per row (seeds {args.seeds}). Train s: time in training steps (ours) or in `Trainer.train()`; "
         "whole run s: the process from start to exit (loading, data, training, evaluation). Model FLOPs per training "
         f"token: {flops_per_token / 1e6:.0f} M, against the fp32 matmul peak measured here ({peak / 1e9:.0f} GFLOP/s).",
         "", machine_line(), "",
@@ -187,6 +208,9 @@ def main():
                 "share of fp32 matmul peak", "eval windows/s", "peak RSS MB", *header]
                + ([f"train speed vs {reference}", f"whole run vs {reference}"] if reference else []), rows),
     ]
+    if len(seeds) > 1:
+        lines += ["", f"Over the seeds {args.seeds}: each score's mean, minimum, maximum and sample standard deviation, and "
+                      "each seed's score in order.", "", *seed_spread(runs, workload.metric)]
     if held_out:
         lines += ["", f"Held out (`{ours[0]}`'s best checkpoint through predict.py): the \"no answer\" threshold tuned "
                       "on one half of the validation articles, applied to the other.", "",

@@ -37,7 +37,6 @@ from qa.extractive import ExtractiveQA  # noqa: E402
 from qa.metrics import best_null_thresholds, squad_scores  # noqa: E402
 
 MODELS = {"qa": "minilm-l6", "clm": "smollm2-135m"}
-SEED = 42  # train.py's default
 
 
 class WithoutFeatureIndex(torch.utils.data.Dataset):
@@ -129,6 +128,7 @@ def main():
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--eval-batch-size", type=int, default=8, help="clm evaluation batch")
     p.add_argument("--cache-dir", default="outputs/token-cache", help="clm: where token streams are cached")
+    p.add_argument("--seed", type=int, default=42, help="as train.py's: initialisation, dropout and data order")
     args = p.parse_args()
     if args.task == "clm" and args.learning_rate is None:
         p.error("--task clm needs --learning-rate")
@@ -138,7 +138,7 @@ def main():
     precision = pick_precision(args.precision, device)[0]
     path = resolve_model(MODELS[args.task])
     tokenizer = load_tokenizer(path)
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     if args.task == "qa":
         model = load_model(path, "span", args.attention_dropout)
         train = SquadExamples.load(args.train_file)
@@ -154,7 +154,7 @@ def main():
     training_args = TrainingArguments(
         output_dir=str(args.output_dir), per_device_train_batch_size=batch_size, max_steps=steps,
         learning_rate=args.learning_rate or 3e-4, warmup_steps=int(0.1 * steps), weight_decay=0.01, max_grad_norm=1.0,
-        optim="adamw_torch_fused", bf16=precision == "bf16", use_cpu=device.type == "cpu", seed=SEED,
+        optim="adamw_torch_fused", bf16=precision == "bf16", use_cpu=device.type == "cpu", seed=args.seed,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
     trainer = trainer_class(model=model, args=training_args, train_dataset=WithoutFeatureIndex(train_set),

@@ -188,6 +188,25 @@ def test_resume_of_a_finished_run_has_nothing_to_do(run_a, tiny_model_dir):
         train.main(tiny_args(tiny_model_dir, run_a, "--resume"))
 
 
+def test_seeds_run_the_recipe_once_per_seed_and_summarise_the_spread(run_a, tiny_model_dir, tmp_path, capsys):
+    """--seeds 42,7: seed-42/ is the plain run of seed 42 (the shared run), seed-7/ another; seeds.json
+    holds the spread of the two runs' scores; again with --resume auto, nothing is trained again."""
+    import statistics
+
+    train.main(tiny_args(tiny_model_dir, tmp_path, "--seeds", "42,7"))
+    a, b, other = (weights(d / "latest") for d in (run_a, tmp_path / "seed-42", tmp_path / "seed-7"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], other[k]) for k in a)
+    f1 = [json.loads((tmp_path / f"seed-{seed}" / "results.json").read_text())["eval"]["f1"] for seed in ("42", "7")]
+    summary = json.loads((tmp_path / "seeds.json").read_text())["scores"]["f1"]
+    assert summary == {"mean": statistics.mean(f1), "min": min(f1), "max": max(f1), "std": statistics.stdev(f1),
+                       "by_seed": {"42": f1[0], "7": f1[1]}}
+    assert f"f1 over seeds 42, 7: mean {statistics.mean(f1):.4g}" in capsys.readouterr().out
+    train.main(tiny_args(tiny_model_dir, tmp_path, "--seeds", "42,7", "--resume", "auto"))
+    assert json.loads((tmp_path / "seeds.json").read_text())["scores"]["f1"] == summary
+    with pytest.raises(UserError, match="--seeds 1,x: give distinct whole numbers"):
+        train.main(tiny_args(tiny_model_dir, tmp_path, "--seeds", "1,x"))
+
+
 @pytest.fixture(scope="module")
 def small_windows(tokenizer):
     from conftest import TRAIN_SAMPLE
