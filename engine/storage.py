@@ -145,9 +145,9 @@ def _send_checkpoints(output_dir: Path, latest: Path | None, task: str, source: 
                         dist.send_object_list([chunk], dst=destination)
                 dist.send_object_list([None], dst=destination)
     elif rank() == destination:
-        box = [None]
-        dist.recv_object_list(box, src=source)
-        for name, relatives in box[0].items():
+        listing, chunk = [None], [None]
+        dist.recv_object_list(listing, src=source)
+        for name, relatives in listing[0].items():
             temporary = output_dir / f"{name}.{process_tag()}.received"
             shutil.rmtree(temporary, ignore_errors=True)
             for relative in relatives:
@@ -155,10 +155,10 @@ def _send_checkpoints(output_dir: Path, latest: Path | None, task: str, source: 
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as f:
                     while True:
-                        dist.recv_object_list(box, src=source)
-                        if box[0] is None:
+                        dist.recv_object_list(chunk, src=source)
+                        if chunk[0] is None:
                             break
-                        f.write(box[0])
+                        f.write(chunk[0])
             replace_checkpoint(temporary, output_dir / name)
 
 
