@@ -51,7 +51,7 @@ from engine.tensorboard import run_writer, write_hparams
 from models.backbones import count_parameters, resolve_model
 from models.build import ModelSettings, compile_gain, compile_in_place, export_merged, load_for_training, place
 from models.flops import SequenceFlops, sequence_flops
-from models.transfer import is_lora, transformer_blocks
+from models.transfer import is_lora, layer_rate_scales, transformer_blocks
 from qa.task import QASettings, QATask
 
 log = logging.getLogger("train")
@@ -240,7 +240,8 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
     batches = TrainBatches(task.train_set.lengths, task.train_set.paragraph_ids, resolved.global_batch, settings.seed,
                            settings.group_by_length)
     total_steps = settings.max_steps or len(batches) * settings.epochs
-    optimizer = build_optimizer(model, resolved.learning_rate, settings.weight_decay)
+    optimizer = build_optimizer(model, resolved.learning_rate, settings.weight_decay,
+                                layer_rate_scales(unwrap(model), settings.layer_decay))
     scheduler = linear_warmup_decay(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     scaler = grad_scaler(device, precision)
     state = TrainingState()

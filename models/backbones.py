@@ -173,20 +173,22 @@ def auto_class(kind: str):
 
 # Names the encoder configs use for dropout on the attention probabilities.
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+HIDDEN_DROPOUT_KEYS = ("hidden_dropout_prob", "dropout_rate", "resid_pdrop", "embd_pdrop")  # BERT, T5, GPT-2
 
 
-def load_model(path: str, kind: str, attention_dropout: float | None = None):
+def load_model(path: str, kind: str, attention_dropout: float | None = None, hidden_dropout: float | None = None):
     """The model for a QA style: `span` (encoder + start/end head), `seq2seq` or `causal-lm`.
 
     A backbone without a span head gets a fresh one. `attention_dropout` replaces the config's
     value: with 0, attention runs as one fused kernel; with dropout it materialises every attention
     matrix and draws a random mask for it, which took a third of a MiniLM training step on a 2-core CPU.
+    `hidden_dropout` replaces the dropout on hidden states (None: the config's).
     """
     config = load_config(path)
-    if attention_dropout is not None:
-        for key in ATTENTION_DROPOUT_KEYS:
+    for keys, value in ((ATTENTION_DROPOUT_KEYS, attention_dropout), (HIDDEN_DROPOUT_KEYS, hidden_dropout)):
+        for key in keys if value is not None else ():
             if hasattr(config, key):
-                setattr(config, key, attention_dropout)
+                setattr(config, key, value)
     try:
         # No Hub kernels (transformers 5.25 swaps layers for them by default, at every train()/eval()):
         # they are downloaded at run time, which offline machines cannot, and they would make a run's

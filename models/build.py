@@ -22,7 +22,7 @@ from models.attention import AUTO, CHOICES as ATTENTION_CHOICES, TRANSFORMERS_NA
     is_decoder_only, set_attention
 from models.backbones import auto_class, load_model, resolve_model
 from models.dropout import use_mask_dropout
-from models.transfer import FREEZABLE, add_lora, enable_activation_checkpointing, freeze, is_lora, load_lora
+from models.transfer import FREEZABLE, add_lora, enable_activation_checkpointing, freeze, is_lora, load_lora, scale_head
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,13 @@ class ModelSettings:
     attention_dropout: float = setting(
         0.0, "dropout on attention probabilities, replacing the model's (0 lets attention run as one fused kernel, "
              "~1.8x faster training on CPU)", roles=(TRAJECTORY,))
+    hidden_dropout: float | None = setting(
+        None, "dropout on hidden states, replacing the model's (BERT's hidden_dropout_prob, T5's dropout_rate; "
+              "default: the model's own, 0.1 for MiniLM)", roles=(TRAJECTORY,))
+    span_head_init_scale: float = setting(
+        1.0, "extractive QA from a backbone: the fresh span head's random initial weights times this (0: a head that "
+             "starts from zero, every start and end equally likely, the same for every seed)",
+        roles=(TRAJECTORY, HPARAM))
     compile: bool | None = setting(
         None, "torch.compile the model (dynamic shapes) for training and evaluation; default (auto): compile after the "
               "run's first steps if the rest of the run, projected from their speed, gains more time than compiling "
@@ -77,9 +84,12 @@ def load_for_training(settings: ModelSettings, source: str, model_kind: str, che
     """The model to train, on the host: `source`'s pretrained weights (a fresh span head where it
     has none) or the `checkpoint` a run resumes from; then the parts that train."""
     if checkpoint:
-        model = load_trained_model(checkpoint, run_config, trainable=True, attention_dropout=settings.attention_dropout)
+        model = load_trained_model(checkpoint, run_config, trainable=True, attention_dropout=settings.attention_dropout,
+                                   hidden_dropout=settings.hidden_dropout)
     else:
-        model = load_model(source, model_kind, settings.attention_dropout)
+        model = load_model(source, model_kind, settings.attention_dropout, settings.hidden_dropout)
+        if getattr(model, "untrained_head", False):
+            scale_head(model, settings.span_head_init_scale)
     if settings.gradient_checkpointing or (settings.gradient_checkpointing is None and model_kind == "causal-lm"):
         enable_activation_checkpointing(model)
     return parts_that_train(model, settings, model_kind)
@@ -107,12 +117,12 @@ def check_transfer(settings: ModelSettings, config, model_kind: str) -> None:
     parts_that_train(model, settings, model_kind)
 
 
-def load_trained_model(checkpoint, run_config: dict, trainable: bool = False, attention_dropout: float | None = None):
+def load_trained_model(checkpoint, run_config: dict, trainable: bool = False, attention_dropout: float | None = None,
+                       hidden_dropout: float | None = None):
     """A model saved by train.py: full weights, or a LoRA adapter put back on its base model."""
-    if run_config.get("lora"):
-        base = load_model(trained_model_source(checkpoint, run_config), run_config["model_kind"], attention_dropout)
-        return load_lora(base, checkpoint, trainable)
-    return load_model(trained_model_source(checkpoint, run_config), run_config["model_kind"], attention_dropout)
+    model = load_model(trained_model_source(checkpoint, run_config), run_config["model_kind"], attention_dropout,
+                       hidden_dropout)
+    return load_lora(model, checkpoint, trainable) if run_config.get("lora") else model
 
 
 def trained_model_source(checkpoint, run_config: dict) -> str:

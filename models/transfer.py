@@ -38,6 +38,35 @@ def transformer_blocks(model) -> list[torch.nn.Module]:
     return [block for stack in stacks(model).values() for block in blocks(stack)]
 
 
+def head_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters outside every stack: the span head, or an untied LM head."""
+    inside = {id(p) for stack in stacks(model).values() for p in stack.parameters()}
+    return [p for p in model.parameters() if id(p) not in inside]
+
+
+def scale_head(model, scale: float) -> None:
+    """Multiply a fresh head's initial weights by `scale` (its biases start at zero)."""
+    with torch.no_grad():
+        for parameter in head_parameters(model):
+            parameter.mul_(scale)
+
+
+def layer_rate_scales(model, decay: float) -> dict[torch.nn.Parameter, float]:
+    """Layer-wise learning-rate decay (ELECTRA, DeBERTa): the factor of each parameter's learning
+    rate. In each stack of n blocks, block k (0 first) gets decay^(n-1-k), the embeddings
+    decay^n; the head and what follows the blocks (final norm) keep the full rate. Empty for 1."""
+    if decay == 1:
+        return {}
+    embeddings = {id(p) for p in embedding_parameters(model)}
+    scales = {}
+    for stack in stacks(model).values():
+        stack_blocks = blocks(stack)
+        for k, block in enumerate(stack_blocks):
+            scales.update({p: decay ** (len(stack_blocks) - 1 - k) for p in block.parameters()})
+        scales.update({p: decay ** len(stack_blocks) for p in stack.parameters() if id(p) in embeddings})
+    return scales
+
+
 def enable_activation_checkpointing(model) -> None:
     """Recompute each block's activations in the backward pass. Non-reentrant checkpointing also
     works when the inputs' embeddings are frozen (LoRA, --freeze). transformers 5.23 renamed the

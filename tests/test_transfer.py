@@ -224,3 +224,47 @@ def test_adapter_and_merged_model_answer_alike(lora_runs, name):
     for qid, record in records["best"].items():
         # Merging only reorders float arithmetic: the mean log-probabilities agree closely.
         assert record["score"] == pytest.approx(records["merged"][qid]["score"], abs=2e-3), qid
+
+
+# --- layer-wise learning-rate decay, the fresh span head's scale, hidden dropout ---
+
+def test_layer_decay_gives_each_block_the_rate_of_the_one_above_times_the_decay(tiny_model_dir, tmp_path):
+    """On the 2-block BERT with --layer-decay 0.5: the head and the last block at the run's rate,
+    block 0 at half, the embeddings at a quarter, through the schedule's steps."""
+    from conftest import tiny_args
+
+    run = train.setup(train.parse_settings(tiny_args(tiny_model_dir, tmp_path, "--layer-decay", "0.5")),
+                      torch.device("cpu"))
+    expected = {"bert.embeddings.": 0.25, "bert.encoder.layer.0.": 0.5, "bert.encoder.layer.1.": 1.0, "qa_outputs.": 1.0}
+    for _ in range(3):
+        rate = {id(p): group["lr"] for group in run.optimizer.param_groups for p in group["params"]}
+        rates = {name: rate[id(p)] for name, p in run.model.named_parameters()}
+        assert len(rates) == len(list(run.model.parameters()))  # every parameter trains, at one rate
+        for name, value in rates.items():
+            share = next(share for prefix, share in expected.items() if name.startswith(prefix))
+            assert value == pytest.approx(share * rates["qa_outputs.weight"]), name
+        run.optimizer.step()
+        run.scheduler.step()
+
+
+def test_a_fresh_span_head_starts_at_its_scale_and_a_trained_one_as_saved(minilm_path, tiny_model_dir):
+    from models.build import ModelSettings, load_for_training
+
+    def head(model_dir: str, scale: float) -> torch.Tensor:
+        torch.manual_seed(0)  # as train.py's setup: the fresh head's draw is the seed's
+        model = load_for_training(ModelSettings(span_head_init_scale=scale), model_dir, "span", None, {})
+        return model.qa_outputs.weight.detach()
+
+    fresh = {scale: head(minilm_path, scale) for scale in (1.0, 0.5, 0.0)}
+    assert fresh[1.0].std() > 0 and torch.equal(fresh[0.5], fresh[1.0] * 0.5) and not fresh[0.0].any()
+    assert torch.equal(head(str(tiny_model_dir), 0.0), load_model(str(tiny_model_dir), "span").qa_outputs.weight)
+
+
+@pytest.mark.parametrize("hidden_dropout", [None, 0.0, 0.3])
+def test_hidden_dropout_replaces_the_models_own(tiny_model_dir, hidden_dropout):
+    """The tiny BERT has 0.1 on its hidden states and its attention probabilities; --hidden-dropout
+    changes the former only (--attention-dropout the latter)."""
+    model = load_model(str(tiny_model_dir), "span", attention_dropout=0.2, hidden_dropout=hidden_dropout)
+    rates = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    expected = 0.1 if hidden_dropout is None else hidden_dropout
+    assert rates and all(p == (0.2 if name.endswith("self.dropout") else expected) for name, p in rates.items()), rates
