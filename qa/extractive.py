@@ -78,13 +78,14 @@ class ExtractiveQA:
     def count_targets(batch: dict) -> int:
         return len(batch["input_ids"])
 
-    def answer_questions(self, model, features: SquadFeatures, device, precision: str, batch_size: int):
-        """The best answer span of every example the features were built from, by question id (under
-        torchrun: on rank 0; the other processes get None)."""
+    def answer_questions(self, model, features: SquadFeatures, device, precision: str, batch_size: int,
+                         top_k: int = 1):
+        """The best answer span of every example the features were built from (with `top_k` > 1, also
+        its ranked best spans), by question id (under torchrun: on rank 0; the other processes get None)."""
         logits = window_logits(model, features, batch_size, device, precision)
         if logits is None:
             return None
         start_logits, end_logits = logits
         s = self.settings
         return predict_spans(features, start_logits, end_logits, n_best=s["n_best"], max_answer_length=s["max_answer_length"],
-                             allow_null=s["allow_null"], null_threshold=s["null_threshold"])
+                             allow_null=s["allow_null"], null_threshold=s["null_threshold"], top_k=top_k)

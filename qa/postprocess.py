@@ -23,6 +23,7 @@ class SpanPrediction:
     probability: float  # of the span: softmax over all candidate spans of all windows
     null_score_diff: float  # null (CLS) score minus the span's score: the official v2 script's "null odds"
     no_answer: bool  # null_score_diff above the threshold, or no span fits
+    ranked: tuple[tuple[str, int, int, float], ...] = ()  # with top_k > 1: (span, start, end, probability), best first
 
     @property
     def text(self) -> str:
@@ -30,9 +31,12 @@ class SpanPrediction:
         return "" if self.no_answer else self.span
 
     def as_record(self) -> dict:
+        """answer, score (the span's probability), start and end (character offsets), as the question-
+        answering pipeline of transformers 4 gave them; "no answer" has None for them and its best span apart."""
         span = {"score": round(self.probability, 4), "start": self.start, "end": self.end}
         if self.no_answer:
-            return {"answer": "", "null_score_diff": round(self.null_score_diff, 4), "best_span": {"text": self.span, **span}}
+            return {"answer": "", "score": None, "start": None, "end": None, "null_score_diff": round(self.null_score_diff, 4),
+                    "best_span": {"text": self.span, **span}}
         return {"answer": self.span, **span, "null_score_diff": round(self.null_score_diff, 4)}
 
 
@@ -44,8 +48,10 @@ def predict_spans(
     max_answer_length: int = 30,
     allow_null: bool = False,
     null_threshold: float = 0.0,
+    top_k: int = 1,
 ) -> dict[str, SpanPrediction]:
-    """Logits are [num_features, length] arrays in feature order (rows may be padded at the end)."""
+    """Logits are [num_features, length] arrays in feature order (rows may be padded at the end).
+    With `top_k` > 1 each prediction also ranks the example's `top_k` best distinct spans."""
     num_features, length = start_logits.shape
     offsets = np.full((num_features, length, 2), -1, dtype=np.int64)
     for i, feature_offsets in enumerate(features.offsets):
@@ -85,7 +91,28 @@ def predict_spans(
             continue
         char_start = int(offsets[winner, best_start[winner], 0])
         char_end = int(offsets[winner, best_end[winner], 1])
-        probability = float(np.exp(score - np.logaddexp.reduce(feature_logsumexp[window_rows])))
+        log_total = np.logaddexp.reduce(feature_logsumexp[window_rows])
+        probability = float(np.exp(score - log_total))
+        ranked = (top_spans(example.context, window_rows, scores, top_start, top_end, offsets, top_k, log_total)
+                  if top_k > 1 else ())
         predictions[example.id] = SpanPrediction(example.context[char_start:char_end], char_start, char_end, probability,
-                                                 null_diff, no_answer=allow_null and null_diff > null_threshold)
+                                                 null_diff, no_answer=allow_null and null_diff > null_threshold,
+                                                 ranked=ranked)
     return predictions
+
+
+def top_spans(context: str, rows: np.ndarray, scores: np.ndarray, top_start: np.ndarray, top_end: np.ndarray,
+              offsets: np.ndarray, top_k: int, log_total: float) -> tuple[tuple[str, int, int, float], ...]:
+    """The `top_k` best distinct spans of an example's windows (`rows`), best first, as (text, start,
+    end, probability): a span found in two overlapping windows counts once, with its better score."""
+    k = top_start.shape[1]
+    best = {}
+    for row in rows:
+        for flat in np.argsort(-scores[row], kind="stable")[:top_k]:
+            score = scores[row, flat]
+            if not np.isfinite(score):
+                break
+            span = (int(offsets[row, top_start[row, flat // k], 0]), int(offsets[row, top_end[row, flat % k], 1]))
+            best[span] = max(best.get(span, -np.inf), score)
+    ordered = sorted(best.items(), key=lambda item: -item[1])[:top_k]
+    return tuple((context[start:end], start, end, float(np.exp(score - log_total))) for (start, end), score in ordered)

@@ -172,6 +172,16 @@ def predict_output(*args) -> tuple[str, str]:
     return out.getvalue(), err.getvalue()
 
 
+def pipeline_generation(checkpoint: Path, prompt: str = "The river", tokens: int = 5) -> str:
+    """What transformers' own pipeline("text-generation") generates, greedily, from a checkpoint
+    train.py wrote: it must load without our code."""
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=str(checkpoint), device="cpu")
+    [output] = generator(prompt, max_new_tokens=tokens, do_sample=False)
+    return output["generated_text"]
+
+
 def train_error(argv: list) -> str:
     """The message of the UserError train.py stops with (run in this process: tests/test_bad_input.py
     runs the command line's exit status and error line itself): one line."""

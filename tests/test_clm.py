@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PREDICT_FLAGS, SAMPLES, one_line, predict_output
+from conftest import PREDICT_FLAGS, SAMPLES, one_line, pipeline_generation, predict_output
 from runs import run_torchrun, succeeded
 
 import predict
@@ -158,6 +158,27 @@ def test_a_base_model_scores_the_blocks_perplexity_scores(tiny_llama_dir, tiny_t
         found = scores("--checkpoint", tiny_llama_dir, "--input", path, *flags, cache_dir=tmp_path)
         assert found["tokens"] == expected["tokens"] == len(token_ids(tiny_tokenizer)) - 1
         assert found["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+
+
+def test_the_python_api_generates_and_scores_as_the_command_line(clm_run, clm_texts, tmp_path):
+    model = predict.load(str(clm_run), device="cpu", precision="fp32")
+    prompt = ["--checkpoint", clm_run, "--prompt", "The river", "--max-new-tokens", "12", *PREDICT_FLAGS]
+    assert model.generate("The river", max_new_tokens=12, seed=1) + "\n" == predict_output(*prompt, "--seed", "1")[0]
+    assert model.generate("The river", max_new_tokens=12, do_sample=False) + "\n" == predict_output(*prompt, "--greedy")[0]
+    assert len(model.generate("The river", max_new_tokens=4, num_return_sequences=3)) == 3
+    printed = scores("--checkpoint", clm_run, "--input", clm_texts.validation, cache_dir=tmp_path)
+    assert model.perplexity(path=str(clm_texts.validation), cache_dir=str(tmp_path)) == printed
+    assert model.perplexity(clm_texts.validation.read_text(encoding="utf-8")) == printed
+    with pytest.raises(UserError) as error:
+        model.answer(question="Where?", context="Here.")
+    one_line(error, "not a question-answering checkpoint", "--task clm")
+
+
+def test_transformers_pipeline_generates_from_the_checkpoint(clm_run):
+    """Our generation and transformers' agree, greedily: the checkpoint is a plain transformers model."""
+    ours = predict.load(str(clm_run / "best"), device="cpu", precision="fp32").generate(
+        "The river", max_new_tokens=5, do_sample=False)
+    assert ours.strip() and pipeline_generation(clm_run / "best", "The river", 5) == "The river" + ours
 
 
 def test_two_processes_score_as_one(clm_run, clm_texts, tmp_path):

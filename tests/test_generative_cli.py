@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import GENERATIVE_RUN_FLAGS as SMALL, PREDICT_FLAGS, one_line, one_step_generative_errors, predict_output
 
+import predict
 import train
-from conftest import GENERATIVE_RUN_FLAGS as SMALL, PREDICT_FLAGS, one_step_generative_errors, predict_output
+from engine.errors import UserError
 
 CONTEXT = "The Panama Canal opened in 1914 after ten years of work by thousands of workers."
 QUESTION = "When did the Panama Canal open?"
@@ -77,6 +79,7 @@ def seq2seq_predictions(tmp_path_factory, tiny_t5_dir):
                 "--output-dir", str(output_dir), *SMALL])
     question = ["--context", CONTEXT, "--question", QUESTION, "--json", *PREDICT_FLAGS]
     return {
+        "output_dir": output_dir,
         "best": predict_output("--checkpoint", output_dir / "best", *question)[0],
         "latest": predict_output("--checkpoint", output_dir / "latest", *question)[0],
         "latest, 2 beams, 4 tokens": predict_output("--checkpoint", output_dir / "latest", *question, "--num-beams", "2",
@@ -87,9 +90,25 @@ def seq2seq_predictions(tmp_path_factory, tiny_t5_dir):
 @pytest.mark.parametrize("name", ["best", "latest", "latest, 2 beams, 4 tokens"])
 def test_predict_json_has_answer_and_log_probability(seq2seq_predictions, name):
     record = json.loads(seq2seq_predictions[name])
-    assert set(record) == {"answer", "score"}
+    assert set(record) == {"answer", "score", "start", "end"}
     assert isinstance(record["answer"], str)
     assert record["score"] <= 0  # a mean log-probability
+    # where the generated answer appears in the context, as an extractive one's offsets (None: nowhere)
+    found = CONTEXT.find(record["answer"]) if record["answer"] else -1
+    assert (record["start"], record["end"]) == ((found, found + len(record["answer"])) if found >= 0 else (None, None))
+
+
+def test_the_python_api_answers_as_the_command_line_and_transformers_loads_the_model(seq2seq_predictions):
+    from transformers import AutoModelForSeq2SeqLM
+
+    best = seq2seq_predictions["output_dir"] / "best"
+    model = predict.load(str(best), device="cpu", precision="fp32")
+    assert model.answer(question=QUESTION, context=CONTEXT) == json.loads(seq2seq_predictions["best"])
+    with pytest.raises(UserError) as error:
+        model.answer(question=QUESTION, context=CONTEXT, top_k=2)
+    one_line(error, "top_k=2", "one answer per question")
+    _, info = AutoModelForSeq2SeqLM.from_pretrained(str(best), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
 def test_predict_max_answer_tokens_limits_the_answer(seq2seq_predictions, tiny_tokenizer):

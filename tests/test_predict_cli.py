@@ -175,6 +175,39 @@ def test_interactive_session_answers_each_line_as_a_one_shot_call_would(checkpoi
     assert len(errors) == 1 and errors[0].startswith("error: standard input, line 5"), err
 
 
+def test_the_python_api_answers_as_the_command_line(checkpoint):
+    """predict.load: one question, a list of them on one context or one each, the ranked best spans,
+    each answer the one predict.py --json prints; a mistake is the command line's one error line."""
+    model = predict.load(str(checkpoint), device="cpu", precision="fp32")
+    printed = json.loads(predict_in_process("--checkpoint", checkpoint, "--context", CONTEXT, "--question", QUESTION,
+                                            "--json")[0])
+    assert model.answer(question=QUESTION, context=CONTEXT) == printed
+    other = json.loads(predict_in_process("--checkpoint", checkpoint, "--context", OTHER_CONTEXT, "--question",
+                                          "Where is Kilimanjaro?", "--json")[0])
+    assert model.answer(question=[QUESTION, "Where is Kilimanjaro?"], context=[CONTEXT, OTHER_CONTEXT]) == [printed, other]
+    assert model.answer(question=[QUESTION, QUESTION], context=CONTEXT) == [printed, printed]
+    ranked = model.answer(question=QUESTION, context=CONTEXT, top_k=3)
+    assert len(ranked) == 3 and len({(r["start"], r["end"]) for r in ranked}) == 3
+    assert ranked[0] == {key: printed[key] for key in ("answer", "score", "start", "end")}
+    assert all(CONTEXT[r["start"]:r["end"]] == r["answer"] for r in ranked)
+    assert ranked[0]["score"] >= ranked[1]["score"] >= ranked[2]["score"]
+    for call, mentions in ((lambda: model.answer(question=[QUESTION] * 2, context=[CONTEXT] * 3), ["2 questions", "3 contexts"]),
+                           (lambda: model.answer(question="", context=CONTEXT), ["question 1", "empty"]),
+                           (lambda: model.answer(question=QUESTION, context=CONTEXT, batch_size=0), ["--batch-size"]),
+                           (lambda: model.answer(question=QUESTION, context=CONTEXT, num_beams=2), ["--num-beams"]),
+                           (lambda: model.generate("The"), ["generating needs a causal LM"])):
+        with pytest.raises(UserError) as error:
+            call()
+        one_line(error, *mentions)
+
+
+def test_transformers_loads_the_checkpoint_as_a_question_answering_model(checkpoint):
+    from transformers import AutoModelForQuestionAnswering
+
+    _, info = AutoModelForQuestionAnswering.from_pretrained(str(checkpoint), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
 def test_interactive_session_reads_a_piped_standard_input(checkpoint):
     result = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(checkpoint), "--context", CONTEXT, *FLAGS],
                             cwd=ROOT, input=f"{QUESTION}\n{QUESTION}\n", capture_output=True, text=True, timeout=300)

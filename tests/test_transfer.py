@@ -226,6 +226,23 @@ def test_adapter_and_merged_model_answer_alike(lora_runs, name):
         assert record["score"] == pytest.approx(records["merged"][qid]["score"], abs=2e-3), qid
 
 
+def test_the_python_api_answers_as_the_command_line_and_transformers_pipeline_loads_the_merged_model(lora_runs):
+    """The decoder-only QA adapter through predict.load: the answers predict.py printed for the
+    sample's questions; its merged model generates in transformers' own text-generation pipeline."""
+    import predict
+    from conftest import pipeline_generation
+    from data.squad import SquadExamples
+
+    output_dir = lora_runs[0]["llama"][1]
+    examples = SquadExamples.load(str(VALIDATION_SAMPLE)).examples[:6]
+    model = predict.load(str(output_dir / "best"), device="cpu", precision="fp32")
+    printed = json.loads(lora_runs[1][("llama", "best")])
+    assert model.answer(question=[e.question for e in examples], context=[e.context for e in examples]) == \
+        [printed[e.id] for e in examples]
+    generated = pipeline_generation(output_dir / "merged")
+    assert generated.startswith("The river") and len(generated) > len("The river")
+
+
 # --- layer-wise learning-rate decay, the fresh span head's scale, hidden dropout ---
 
 def test_layer_decay_gives_each_block_the_rate_of_the_one_above_times_the_decay(tiny_model_dir, tmp_path):
