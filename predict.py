@@ -252,7 +252,7 @@ class Predictor:
 
         qa = load("outputs/qa")
         qa.answer(question="Where does the Amazon empty?", context="The Amazon ... the Atlantic.")
-        # {'answer': 'the Atlantic', 'score': 0.41, 'start': 60, 'end': 72, ...}
+        # {'answer': ..., 'score': ..., 'start': ..., 'end': ...}: character offsets in the context
         qa.answer(question=["Q1", "Q2"], context=["C1", "C2"], top_k=3)  # a list per question
         lm = load("outputs/clm")  # or load("smollm2-135m"), a base model
         lm.generate("Once upon a time", max_new_tokens=40, seed=1)
