@@ -612,6 +612,13 @@ def write_results(run: Run, scores: dict, state_mb: list[float]) -> None:
     atomic_write_text(run.output_dir / RESULTS, json.dumps(results, indent=2))
 
 
+def leave_processes(run: Run) -> None:
+    """The processes leave together. DDP's reducer holds the process group: the model goes first, or
+    the group's teardown can deadlock."""
+    run.model = None
+    close_processes()
+
+
 def finish(run: Run) -> None:
     """results.json (and the merged LoRA model); then the processes leave together."""
     scores = run.state.last_scores
@@ -622,9 +629,7 @@ def finish(run: Run) -> None:
         if run.settings.merge_lora:
             export_merged(run.output_dir / BEST, run.output_dir / "merged", run.task.tokenizer)
             log.info("merged the LoRA adapter of %s into %s", run.output_dir / BEST, run.output_dir / "merged")
-    # DDP's reducer holds the process group: released after it, the group's teardown can deadlock.
-    run.model = None
-    close_processes()
+    leave_processes(run)
     if main_process:
         stopped = f"stopped early at step {run.state.stopped_early['step']}; " if run.state.stopped_early else ""
         print(f"final: {run.task.describe(scores)}; {stopped}best {run.task.metric} {run.state.best_score:.4g} "
@@ -748,8 +753,7 @@ def train_once(settings: TrainSettings) -> None:
         run = setup(settings, device)
         if settings.dry_run:
             report, main_process = dry_run(run), is_main()  # asked while the process group stands
-            run.model = None  # DDP's reducer holds the process group (see finish)
-            close_processes()
+            leave_processes(run)
             if main_process:
                 print(describe_dry_run(report, output_dir / DRY_RUN))
             if not report["fits"]:
@@ -762,8 +766,7 @@ def train_once(settings: TrainSettings) -> None:
             if settings.resume != RESUME_AUTO:
                 raise UserError(f"nothing to do: {done}")
             log.info("--resume auto: nothing to do: %s", done)
-            run.model = None  # DDP's reducer holds the process group (see finish)
-            close_processes()
+            leave_processes(run)
             return
         train(run)
         finish(run)
