@@ -278,9 +278,11 @@ class Predictor:
         (extractive checkpoints): a list of the best answers, best first."""
         settings = with_options(self.settings, **options)
         check_against_model(settings, self.run_config, "answer", self.checkpoint)
-        if top_k < 1 or (top_k > 1 and self.run_config["qa_style"] != "extractive"):
-            raise UserError(f"top_k={top_k}: give 1, or more for an extractive checkpoint (which ranks spans); "
-                            f"{settings.checkpoint} {'generates one answer per question' if top_k > 1 else ''}".strip())
+        if top_k < 1:
+            raise UserError(f"top_k={top_k}: give 1 or more")
+        if top_k > 1 and self.run_config["qa_style"] != "extractive":
+            raise UserError(f"top_k={top_k}: {settings.checkpoint} generates one answer per question (extractive "
+                            "checkpoints rank spans)")
         single = isinstance(question, str)
         questions = [question] if single else list(question)
         contexts = [context] * len(questions) if isinstance(context, str) else list(context)
