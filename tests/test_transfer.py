@@ -228,7 +228,8 @@ def test_adapter_and_merged_model_answer_alike(lora_runs, name):
 
 def test_the_python_api_answers_as_the_command_line_and_transformers_pipeline_loads_the_merged_model(lora_runs):
     """The decoder-only QA adapter through predict.load: the answers predict.py printed for the
-    sample's questions; its merged model generates in transformers' own text-generation pipeline."""
+    sample's questions; the adapter and its merged model generate alike in transformers' own
+    text-generation pipeline."""
     import predict
     from conftest import pipeline_generation
     from data.squad import SquadExamples
@@ -239,8 +240,10 @@ def test_the_python_api_answers_as_the_command_line_and_transformers_pipeline_lo
     printed = json.loads(lora_runs[1][("llama", "best")])
     assert model.answer(question=[e.question for e in examples], context=[e.context for e in examples]) == \
         [printed[e.id] for e in examples]
+    # transformers loads the adapter itself too (peft's integration, the base model from adapter_config.json)
     generated = pipeline_generation(output_dir / "merged")
     assert generated.startswith("The river") and len(generated) > len("The river")
+    assert pipeline_generation(output_dir / "best") == generated
 
 
 # --- layer-wise learning-rate decay, the fresh span head's scale, hidden dropout ---
