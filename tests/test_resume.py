@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import GENERATIVE_RUN_FLAGS, ZERO_GRADIENT_TENSORS, assert_one_line_error, tiny_flags
+from conftest import GENERATIVE_RUN_FLAGS, ZERO_GRADIENT_TENSORS, tiny_flags, train_error
 from runs import (STANDALONE, all_succeeded, can_mount, children, crash_then_resume, differences, equal, finished,
-                  killed_at, node_commands, run_single, run_torchrun, saved_step, start_until_saved, succeeded,
+                  killed_at, node_commands, run_torchrun, saved_step, start_until_saved, succeeded,
                   torchrun_command, training_state, untimed)
 
 
@@ -153,10 +153,10 @@ def torchrun_nodes_sigterm(case: Case, flags: list, output_dir: Path, monkeypatc
     one_process = shutil.copytree(output_dir, output_dir.with_name("one-process"))
     output = all_succeeded(node_commands([*flags, "--resume", "auto"], output_dir, nodes), output_dir.with_name("logs"))
     assert "shared by all 2 processes" in output
-    refused = run_single(*with_output(flags, one_process), "--resume")  # the command line's one error line
-    assert_one_line_error(refused, "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4")
+    refused = train_error([*with_output(flags, one_process), "--resume"])
+    assert "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4" in refused
     batch = flags.index("--batch-size") + 1
-    succeeded(run_single(*with_output([*flags[:batch], "4", *flags[batch + 1:]], one_process), "--resume"))
+    train.main([*with_output([*flags[:batch], "4", *flags[batch + 1:]], one_process), "--resume"])
     assert saved_step(one_process) == TORCHRUN_STEPS
 
 
