@@ -34,15 +34,20 @@ HPARAM = "hparam"  # compared across runs in TensorBoard's HParams dashboard
 AUTO = "auto"  # the flag's value `auto` is None in the settings: the code decides
 
 
+NOT_GIVEN = object()
+
+
 def setting(default, help: str, *, choices: tuple | None = None, at_least: float | None = None,
             between: tuple[float, float] | None = None, auto: bool = False, roles: tuple[str, ...] = (),
-            bare=None, recorded: bool = True):
+            bare=None, recorded: bool = True, before=NOT_GIVEN):
     """A flag: `choices` (for a tuple, of each element), bounds (`at_least`, `between`), `auto` (the
     value `auto`, meaning None, is accepted), `roles` (TRAJECTORY, HPARAM), `bare` (the value when the
-    flag is given alone, as `--resume`), `recorded` (False: not part of what a run is, so not saved)."""
+    flag is given alone, as `--resume`), `recorded` (False: not part of what a run is, so not saved),
+    `before` (how runs behaved before the flag existed, where its default changed that: a checkpoint
+    that predates the flag is compared with it)."""
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": choices, "at_least": at_least, "between": between, "auto": auto, "roles": roles,
-        "bare": bare, "recorded": recorded})
+        "bare": bare, "recorded": recorded, "before": default if before is NOT_GIVEN else before})
 
 
 def settings_fields(cls) -> list[dataclasses.Field]:
@@ -233,10 +238,15 @@ def changed_trajectory(saved: dict, settings, resolved) -> list[str]:
     now = as_saved(settings, resolved)
     names = with_role(type(settings), TRAJECTORY) + with_role(type(resolved), TRAJECTORY)
     labels = {f.name: f.metadata.get("label", flag(f.name)) for f in dataclasses.fields(resolved)}
-    # A flag newer than the checkpoint ran as its default does.
-    saved = {**{f.name: _plain(f.default) for f in settings_fields(settings)}, **saved}
-    return [f"{labels.get(name, flag(name))} {saved.get(name)} -> {now[name]}" for name in dict.fromkeys(names)
-            if saved.get(name) != now[name]]
+    # A flag newer than the checkpoint: the run behaved as the flag's `before` value (its default, unless that changed).
+    fields = {f.name: f for f in settings_fields(settings)}
+    saved = {**{name: _plain(f.metadata["before"]) for name, f in fields.items()}, **saved}
+
+    def shown(name: str, value) -> str:  # `auto` as the command line spells it
+        return AUTO if value is None and name in fields and fields[name].metadata["auto"] else str(value)
+
+    return [f"{labels.get(name, flag(name))} {shown(name, saved.get(name))} -> {shown(name, now[name])}"
+            for name in dict.fromkeys(names) if saved.get(name) != now[name]]
 
 
 CONFIG_FILE = "config.yaml"

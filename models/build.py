@@ -59,8 +59,9 @@ class ModelSettings:
         0.0, "dropout on attention probabilities, replacing the model's (0 lets attention run as one fused kernel, "
              "~1.8x faster training on CPU)", roles=(TRAJECTORY,))
     hidden_dropout: float | None = setting(
-        None, "dropout on hidden states, replacing the model's (BERT's hidden_dropout_prob, T5's dropout_rate; "
-              "default: the model's own, 0.1 for MiniLM)", roles=(TRAJECTORY,))
+        0.0, "dropout on hidden states, replacing the model's (BERT's hidden_dropout_prob, T5's dropout_rate, GPT-2's "
+             "resid_pdrop and embd_pdrop); auto: the model's own (0.1 for MiniLM). 0 by default: on the SQuAD pool "
+             "benchmark MiniLM's 0.1 cost its worst seed 14 F1 points (bench/results/seed_remedies.md)", auto=True, before=None, roles=(TRAJECTORY,))
     span_head_init_scale: float = setting(
         1.0, "extractive QA from a backbone: the fresh span head's random initial weights times this (0: a head that "
              "starts from zero, every start and end equally likely, the same for every seed)",

@@ -203,10 +203,11 @@ def one_step_generative_errors(output_dir: Path, cases: dict) -> dict:
 
 
 def tiny_flags(model_dir, *extra) -> list[str]:
-    """train.py flags for 8 quick steps of a tiny model on the shipped sample, on CPU in fp32."""
+    """train.py flags for 8 quick steps of a tiny model on the shipped sample, on CPU in fp32, with the
+    model's own dropout (the tiny BERT's 0.1: the resume tests then prove the random masks resume too)."""
     return ["--model", str(model_dir), "--precision", "fp32", "--device", "cpu", "--max-train-samples", "40",
             "--max-eval-samples", "10", "--batch-size", "4", "--grad-accum-steps", "2", "--max-steps", "8",
-            "--save-steps", "3", "--log-steps", "2", *map(str, extra)]
+            "--save-steps", "3", "--log-steps", "2", "--hidden-dropout", "auto", *map(str, extra)]
 
 
 def tiny_args(model_dir, output_dir, *extra) -> list[str]:

@@ -40,10 +40,10 @@ TORCHRUN_STEPS = 12
 
 
 def torchrun_flags(model_dir, *extra):
-    """A run with dropout (each process its own random stream), saved after every step."""
+    """A run with dropout (the tiny BERT's own: each process its own random stream), saved after every step."""
     return ["--model", model_dir, "--device", "cpu", "--precision", "fp32", "--max-train-samples", "40",
             "--max-eval-samples", "4", "--batch-size", "2", "--grad-accum-steps", "2", "--max-steps",
-            TORCHRUN_STEPS, "--save-steps", "1", *extra]
+            TORCHRUN_STEPS, "--save-steps", "1", "--hidden-dropout", "auto", *extra]
 
 
 @dataclass(frozen=True)

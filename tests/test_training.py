@@ -165,6 +165,11 @@ def test_a_checkpoint_of_the_previous_version_resumes(tiny_run, tiny_model_dir, 
     with pytest.raises(UserError) as error:
         train.main(argv)
     one_line(error, "cannot resume with different settings (--seed 7 -> 42)")
+    # It trained with the model's own dropout: today's default (none) would change its course.
+    save_args()
+    with pytest.raises(UserError) as error:
+        train.main([*argv, "--hidden-dropout", "0"])
+    one_line(error, "--hidden-dropout auto -> 0.0")
 
 
 @pytest.mark.parametrize("flag, value", [
