@@ -255,9 +255,12 @@ CONFIG_FILE = "config.yaml"
 def write_config(directory: Path, settings, resolved) -> None:
     """OUTPUT_DIR/config.yaml: every recorded flag as the run resolved it, so that `--config` with it
     runs the same again (lists as YAML lists)."""
-    values = {f.name: getattr(settings, f.name) for f in settings_fields(settings) if f.metadata["recorded"]}
+    fields = {f.name: f for f in settings_fields(settings) if f.metadata["recorded"]}
+    values = {name: getattr(settings, name) for name in fields}
     values.update({name: value for name, value in dataclasses.asdict(resolved).items() if name in values})
-    values = {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}
+    # None is `auto` where the flag takes it (--hidden-dropout auto): read back, null would be the default.
+    values = {name: list(value) if isinstance(value, tuple) else AUTO if value is None and fields[name].metadata["auto"]
+              else value for name, value in values.items()}
     atomic_write_text(Path(directory) / CONFIG_FILE,
                       "# written by train.py: every flag as this run resolved it; run it again with\n"
                       "# python train.py --config THIS_FILE --output-dir NEW_DIR\n"
