@@ -219,7 +219,8 @@ def answer_record(prediction, context: str) -> dict:
     record = prediction.as_record()
     if "start" not in record:
         start = context.find(record["answer"]) if record["answer"] else -1
-        record.update(start=start, end=start + len(record["answer"])) if start >= 0 else record.update(start=None, end=None)
+        found = start >= 0
+        record.update(start=start if found else None, end=start + len(record["answer"]) if found else None)
     return record
 
 
@@ -227,7 +228,8 @@ def ranked_records(prediction, top_k: int) -> list[dict]:
     """The `top_k` best answers of an extractive prediction, best first ("no answer" first when it won)."""
     spans = [{"answer": text, "score": round(probability, 4), "start": start, "end": end}
              for text, start, end, probability in prediction.ranked]
-    return ([prediction.as_record()] if prediction.no_answer else []) + spans[:top_k - prediction.no_answer]
+    no_answer = [prediction.as_record()] if prediction.no_answer else []
+    return no_answer + spans[:top_k - len(no_answer)]
 
 
 def with_options(settings: PredictSettings, **options) -> PredictSettings:
