@@ -17,14 +17,16 @@ Steps, each timed, its output in the whole log:
   models        MiniLM-L6-H384 and SmolLM2-135M at full size with random weights, from the kit's
                 configurations (or the installed packages'); speed and memory do not depend on the weights
   cuda-tests    tests/test_cuda.py (tiny models built from configurations, with MiniLM's tokenizer)
-  qa-bf16       extractive QA, some hundred steps: tokens/s, MFU, peak GPU memory
-  clm-bf16      causal LM, some hundred steps: the same figures
+  qa            extractive QA in bf16, some hundred steps: tokens/s, MFU, peak GPU memory
+  clm           causal LM in bf16, some hundred steps: the same figures
   probe         bench/gpu_probe.py: host reads per step, pinned copies alongside kernels
   resume        a run stopped with SIGTERM after a checkpoint and resumed, against one never stopped
   predict       predict.py on the GPU, from both checkpoints
   torchrun      train.py under torchrun, one process per GPU (NCCL)
-In the CPU dry run every step runs on the CPU with tiny models and few steps, and the CUDA-only parts
-are skipped and named. OUT receives two files: gpu_check.log (everything) and summary.md (the
+In the CPU dry run every step runs on the CPU with tiny models and few steps, at train.py's
+automatic precision (bf16 only on a CPU where it is not emulated: emulated, it made the dry run
+several times slower and proves nothing the GPU's run needs), and the CUDA-only parts are skipped
+and named. OUT receives two files: gpu_check.log (everything) and summary.md (the
 table); the runs are written under --work (default OUT/work).
 """
 import argparse
@@ -71,6 +73,7 @@ class Sizes:
     """How big each step is: a GPU's, or the CPU dry run's."""
 
     device: str
+    precision: str  # train.py's --precision for every run
     tiny: bool  # the backbones' configurations shrunk to 2 blocks of width 64
     qa_copies: int  # the shipped QA training sample, repeated: one epoch longer than the run
     text_copies: int  # the shipped text sample, repeated
@@ -85,9 +88,9 @@ class Sizes:
     step_timeout: int  # seconds for each command
 
 
-GPU = Sizes("cuda", False, qa_copies=48, text_copies=500, block_size=None, qa_steps=300, clm_steps=200, batch_size=32, probe_steps=20,
+GPU = Sizes("cuda", "bf16", False, qa_copies=48, text_copies=500, block_size=None, qa_steps=300, clm_steps=200, batch_size=32, probe_steps=20,
             resume_steps=400, save_steps=50, torchrun_steps=50, step_timeout=240)
-CPU_DRY_RUN = Sizes("cpu", True, qa_copies=1, text_copies=1, block_size=64, qa_steps=3, clm_steps=2, batch_size=8,
+CPU_DRY_RUN = Sizes("cpu", "auto", True, qa_copies=1, text_copies=1, block_size=64, qa_steps=3, clm_steps=2, batch_size=8,
                     probe_steps=2, resume_steps=12, save_steps=4, torchrun_steps=2, step_timeout=120)
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16}
@@ -283,11 +286,11 @@ class Check:
         output = self.work / name
         shutil.rmtree(output, ignore_errors=True)
         command = [*(launcher or [self.python]), "train.py", *flags, "--device", self.sizes.device,
-                   "--precision", "bf16", "--output-dir", str(output)]
+                   "--precision", self.sizes.precision, "--output-dir", str(output)]
         run(command, self.log, self.sizes.step_timeout)
         results = json.loads((output / "results.json").read_text())
         self.runs.append({"run": name, **{key: results.get(key) for key in (
-            "steps", "processes", "device", "train_seconds", "train_tokens_per_s", "mfu", "peak_cuda_mb",
+            "steps", "processes", "device", "precision", "train_seconds", "train_tokens_per_s", "mfu", "peak_cuda_mb",
             "peak_rss_mb", "total_parameters")}})
         return results
 
@@ -374,19 +377,19 @@ class Check:
         mfu = f"MFU {results['mfu']:.1%}" if results.get("mfu") is not None else "MFU unknown"
         memory = (f"peak {results['peak_cuda_mb']:,.0f} MB on the GPU" if "peak_cuda_mb" in results
                   else f"peak {results['peak_rss_mb']:,.0f} MB resident")
-        return (f"{results['steps']} steps in {results['train_seconds']:.1f} s, "
+        return (f"{results['steps']} steps in {results['precision']} in {results['train_seconds']:.1f} s, "
                 f"{results['train_tokens_per_s']:,.0f} tokens/s, {mfu}, {memory}")
 
     def qa(self) -> str:
-        return self.figures(self.train("qa-bf16", self.qa_flags("--max-steps", str(self.sizes.qa_steps))))
+        return self.figures(self.train("qa", self.qa_flags("--max-steps", str(self.sizes.qa_steps))))
 
     def clm(self) -> str:
-        return self.figures(self.train("clm-bf16", self.clm_flags("--max-steps", str(self.sizes.clm_steps))))
+        return self.figures(self.train("clm", self.clm_flags("--max-steps", str(self.sizes.clm_steps))))
 
     def probe(self) -> str:
         output = self.work / "probe"
         command = [self.python, "bench/gpu_probe.py", "--steps", str(self.sizes.probe_steps), "--", *self.qa_flags(
-            "--device", self.sizes.device, "--precision", "bf16", "--output-dir", str(output))]
+            "--device", self.sizes.device, "--precision", self.sizes.precision, "--output-dir", str(output))]
         lines, done = [], run(command, self.log, self.sizes.step_timeout)
         report = json.loads(done.lines[-1])
         if "host_reads" in report:
@@ -414,7 +417,7 @@ class Check:
         self.train("resume-uninterrupted", flags)
         stopped = self.work / "resume-stopped"
         shutil.rmtree(stopped, ignore_errors=True)
-        command = [self.python, "train.py", *flags, "--device", self.sizes.device, "--precision", "bf16",
+        command = [self.python, "train.py", *flags, "--device", self.sizes.device, "--precision", self.sizes.precision,
                    "--output-dir", str(stopped)]
         stopping = Command(command, self.log)
         deadline = time.monotonic() + self.sizes.step_timeout
@@ -441,9 +444,9 @@ class Check:
 
     def predict(self) -> str:
         found = []
-        for run_name, question in (("qa-bf16", ["--context", "The Panama Canal opened in 1914 after ten years of work.",
+        for run_name, question in (("qa", ["--context", "The Panama Canal opened in 1914 after ten years of work.",
                                                 "--question", "When did the Panama Canal open?"]),
-                                   ("clm-bf16", ["--prompt", "The river", "--max-new-tokens", "20", "--seed", "1"])):
+                                   ("clm", ["--prompt", "The river", "--max-new-tokens", "20", "--seed", "1"])):
             if not (self.work / run_name / "best").is_dir():
                 raise StepFailed(f"no checkpoint from {run_name}")
             run([self.python, "predict.py", "--checkpoint", str(self.work / run_name), "--device", self.sizes.device,
@@ -465,8 +468,8 @@ class Check:
         self.data()
         self.step("models", self.models)
         self.step("cuda-tests", self.cuda_tests)
-        self.step("qa-bf16", self.qa)
-        self.step("clm-bf16", self.clm)
+        self.step("qa", self.qa)
+        self.step("clm", self.clm)
         self.step("probe", self.probe)
         self.step("resume", self.resume)
         self.step("predict", self.predict)
@@ -491,13 +494,13 @@ def summary(check: Check, started: float, mode: str) -> str:
     lines = [f"# gpu_check ({mode}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", machine(), "",
              "| step | result | seconds | found |", "| --- | --- | ---: | --- |"]
     lines += [f"| {name} | {status} | {seconds:.1f} | {found.replace('|', '/')} |" for name, status, seconds, found in check.rows]
-    lines += ["", f"Total: {time.perf_counter() - started:.0f} s.", "", "| run | steps | processes | device | train s | "
-              "tokens/s | MFU | peak GPU MB | peak resident MB | parameters |", "| --- | ---: | ---: | --- | ---: | ---: | "
-              "---: | ---: | ---: | ---: |"]
+    lines += ["", f"Total: {time.perf_counter() - started:.0f} s.", "", "| run | steps | processes | device | precision | train s | "
+              "tokens/s | MFU | peak GPU MB | peak resident MB | parameters |", "| --- | ---: | ---: | --- | --- | ---: | "
+              "---: | ---: | ---: | ---: | ---: |"]
     for r in check.runs:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "?"
         gpu = f"{r['peak_cuda_mb']:,.0f}" if r["peak_cuda_mb"] is not None else "-"
-        lines.append(f"| {r['run']} | {r['steps']} | {r['processes']} | {r['device']} | {r['train_seconds']:.1f} | "
+        lines.append(f"| {r['run']} | {r['steps']} | {r['processes']} | {r['device']} | {r['precision']} | {r['train_seconds']:.1f} | "
                      f"{r['train_tokens_per_s']:,.0f} | {mfu} | {gpu} | {r['peak_rss_mb']:,.0f} | "
                      f"{r['total_parameters'] / 1e6:.1f}M |")
     return "\n".join(lines) + "\n"

@@ -58,8 +58,8 @@ def crash_then_resume(monkeypatch, argv: list[str], crash_on_call: int) -> tuple
 
 
 def single_thread_env() -> dict:
-    # The same thread count in every process: the one-process runs then compute each evaluation
-    # batch exactly as each of the two processes does.
+    # One thread in every process, as in the tests' one-process runs: the same evaluation batches,
+    # computed the same way, bit for bit.
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -102,11 +102,6 @@ def node_commands(args: list, output_dir: Path, disks: list[Path | None], script
 
 def run_torchrun(*args, timeout: int = 300, script: str = "train.py") -> subprocess.CompletedProcess:
     return subprocess.run(torchrun_command(*args, script=script), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=single_thread_env())
-
-
-def run_single(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=single_thread_env())
 
 

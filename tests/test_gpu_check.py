@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402
 import gpu_probe  # noqa: E402
 
-STEPS = ("requirements", "models", "cuda-tests", "qa-bf16", "clm-bf16", "probe", "resume", "predict", "torchrun")
+STEPS = ("requirements", "models", "cuda-tests", "qa", "clm", "probe", "resume", "predict", "torchrun")
 
 
 def table_rows(markdown: str, header: str) -> list[list[str]]:
@@ -50,8 +50,8 @@ def test_the_cpu_dry_run_runs_every_step_and_names_what_only_a_gpu_can(dry_run):
     assert "bit-equal" in steps["resume"][1] and "stopped at step" in steps["resume"][1]
     assert "1 process on cpu (gloo)" in steps["torchrun"][1]
     runs = {row[0]: row for row in table_rows(summary, "| run |")}
-    assert set(runs) == {"qa-bf16", "clm-bf16", "resume-uninterrupted", "torchrun"}
-    assert all(float(row[5].replace(",", "")) > 0 for row in runs.values())  # tokens/s measured
+    assert set(runs) == {"qa", "clm", "resume-uninterrupted", "torchrun"}
+    assert all(float(row[6].replace(",", "")) > 0 for row in runs.values())  # tokens/s measured
     # The device tool brings back a few files from OUT: the log and the table, beside the runs' folder.
     assert {p.name for p in dry_run.iterdir()} == {"gpu_check.log", "summary.md", "work", ".gpu-check"}
     assert "$ " in (dry_run / "gpu_check.log").read_text()  # the commands and their output

@@ -1,8 +1,8 @@
 """Exact resume: a run interrupted in any way and resumed with --resume ends where the uninterrupted
 run ends: the same weights, optimizer, schedule and random states, scores and predictions, bit for
 bit (CPU, fp32), whatever the model, the part that trains, and however the run was stopped: an
-exception in a step, SIGKILL while evaluating or saving, SIGTERM under torchrun (FSDP2, and two
-nodes sharing a disk or each on its own), a worker SIGKILLed under torchrun --max-restarts. One
+exception in a step, SIGKILL while evaluating or saving, SIGTERM under torchrun (two nodes sharing
+a disk or each on its own), an FSDP2 worker SIGKILLed under torchrun --max-restarts. One
 test, a case per way; each case's uninterrupted twin runs once (the extractive one is the suite's
 shared tiny run, the torchrun ones two processes on one node)."""
 import json
@@ -79,9 +79,9 @@ CASES = {
                                                   "--no-eval-before-training"), "kill"),
     "torchrun, two nodes sharing a disk, SIGTERM, --resume auto": Case(
         "tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-nodes-sigterm"),
-    "torchrun FSDP, SIGTERM": Case("tiny_model_dir", lambda m, c: torchrun_flags(m, "--fsdp"), "torchrun-sigterm"),
-    "torchrun --max-restarts, a worker SIGKILLed, --resume auto": Case(
-        "tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-restart"),
+    # FSDP resumes from the gathered optimizer state, sharded again (SIGTERM under torchrun: the nodes' cases).
+    "torchrun FSDP --max-restarts, a worker SIGKILLed, --resume auto": Case(
+        "tiny_model_dir", lambda m, c: torchrun_flags(m, "--fsdp"), "torchrun-restart"),
     "torchrun, two nodes on disks of their own, SIGTERM, then one disk lost": Case(
         "tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-nodes-local"),
 }
@@ -135,13 +135,6 @@ def stopped_by_sigterm(commands: list[list[str]], output_dir: Path) -> int:
     # torchrun's agents report the signal with a traceback of their own; no process of ours has one
     assert output.count("Traceback") == output.count("SignalException: Process"), output[-3000:]
     return step
-
-
-def torchrun_sigterm(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
-    """SIGTERM in mid-run, resumed under torchrun with --resume: FSDP from the gathered optimizer
-    state, sharded again."""
-    stopped_by_sigterm([torchrun_command(*with_output(flags, output_dir))], output_dir)
-    succeeded(run_torchrun(*with_output(flags, output_dir), "--resume"))
 
 
 def torchrun_nodes_sigterm(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
@@ -204,9 +197,8 @@ def same_checkpoints(a: Path, b: Path) -> bool:
     return all(files(a / name) == files(b / name) for name in ("latest", "best")) and equal(state(a), state(b))
 
 
-INTERRUPTIONS = {"crash": crash, "kill": kill, "torchrun-sigterm": torchrun_sigterm,
-                 "torchrun-nodes-sigterm": torchrun_nodes_sigterm, "torchrun-restart": torchrun_restart,
-                 "torchrun-nodes-local": torchrun_nodes_local}
+INTERRUPTIONS = {"crash": crash, "kill": kill, "torchrun-nodes-sigterm": torchrun_nodes_sigterm,
+                 "torchrun-restart": torchrun_restart, "torchrun-nodes-local": torchrun_nodes_local}
 
 
 @pytest.mark.parametrize("name", list(CASES))
