@@ -151,16 +151,36 @@ def all_succeeded(commands: list[list[str]], logs: Path) -> str:
     return output
 
 
-def phase(output_dir: Path, stderr: bytes) -> str:
-    """What a train.py process is doing: saving (a temporary directory is there), evaluating (its
-    last progress bar is evaluation's or generation's, not training's), training or starting."""
-    if list(output_dir.glob("*.tmp")):
-        return "saving"
-    text = stderr.decode(errors="replace")
-    last_eval, last_train = max(text.rfind("evaluate"), text.rfind("generate")), text.rfind("train:")
-    if last_eval > last_train:
-        return "evaluating"
-    return "training" if last_train >= 0 else "starting"
+class ProgressReader:
+    """A train.py process's stderr, read by a thread of its own: all of it (for an error message),
+    and where its last evaluation or generation bar and its last training bar were seen, found in
+    each new chunk alone (a kill waits on this in a tight loop: searching the whole, growing text
+    each time cost a core)."""
+
+    MARKS = {"evaluate": b"evaluate", "generate": b"generate", "train": b"train:"}
+
+    def __init__(self, process: subprocess.Popen):
+        self.text, self.last = bytearray(), {name: -1 for name in self.MARKS}
+        self.thread = threading.Thread(target=self._read, args=(process.stderr.fileno(),), daemon=True)
+        self.thread.start()
+
+    def _read(self, fd: int) -> None:
+        while chunk := os.read(fd, 65536):
+            start = max(0, len(self.text) - 8)  # a mark cut in two by the chunks' border
+            self.text.extend(chunk)
+            region = bytes(self.text[start:])
+            for name, mark in self.MARKS.items():
+                if (found := region.rfind(mark)) >= 0:
+                    self.last[name] = start + found
+
+    def phase(self, output_dir: Path) -> str:
+        """What the process is doing: saving (a temporary directory is there), evaluating (its last
+        progress bar is evaluation's or generation's, not training's), training or starting."""
+        if list(output_dir.glob("*.tmp")):
+            return "saving"
+        if max(self.last["evaluate"], self.last["generate"]) > self.last["train"]:
+            return "evaluating"
+        return "training" if self.last["train"] >= 0 else "starting"
 
 
 def killed_at(argv: list[str], output_dir: Path, moments: list[str], rng: random.Random | None = None,
@@ -173,26 +193,19 @@ def killed_at(argv: list[str], output_dir: Path, moments: list[str], rng: random
     while not (output_dir / "results.json").exists():  # written last: a run killed after it has finished
         process = subprocess.Popen([sys.executable, "train.py", *argv, "--output-dir", str(output_dir), "--resume", "auto"],
                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        stderr = bytearray()
-
-        def read_stderr():
-            while chunk := os.read(process.stderr.fileno(), 65536):
-                stderr.extend(chunk)
-
-        reader = threading.Thread(target=read_stderr, daemon=True)
-        reader.start()
+        progress = ProgressReader(process)
         deadline = time.monotonic() + (rng.uniform(0, latest_at) if rng else 0)
         while len(phases) < len(moments) and process.poll() is None:
-            now, moment = phase(output_dir, bytes(stderr)), moments[len(phases)]
+            now, moment = progress.phase(output_dir), moments[len(phases)]
             if now == moment or moment == "at random" and time.monotonic() >= deadline:
                 os.kill(process.pid, signal.SIGKILL)
                 phases.append(now)
                 break
             time.sleep(0.001)
         process.wait()
-        reader.join()
+        progress.thread.join()
         if process.returncode not in (0, -signal.SIGKILL):
-            raise RuntimeError(f"train.py failed:\n{stderr.decode(errors='replace')[-3000:]}")
+            raise RuntimeError(f"train.py failed:\n{progress.text.decode(errors='replace')[-3000:]}")
     return phases
 
 
