@@ -158,14 +158,26 @@ def test_grad_accumulation_normalises_by_answer_tokens(request, tiny_tokenizer, 
     accumulation_matches(request.getfixturevalue(fixture), features, indices, kind=kind, qa=qa)
 
 
+def squad_file(path, examples, copies: int = 1):
+    """`examples` as a SQuAD JSON file, each `copies` times (its copies' ids suffixed)."""
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
+        {"context": e.context, "qas": [{"id": f"{e.id}-{copy}" if copies > 1 else e.id, "question": e.question,
+                                        "answers": [{"text": t, "answer_start": s} for t, s in zip(e.answer_texts, e.answer_starts)]}]}
+        for copy in range(copies) for e in examples]}]}))
+    return path
+
+
 def test_tiny_t5_learns_to_answer_and_predict_reuses_it(tmp_path, tiny_t5_dir):
     """12 sample questions, trained and evaluated on the same questions: EM rises from the untrained
-    model's to well above it, and predict.py answers from the checkpoint as evaluation did."""
+    model's to well above it, and predict.py answers from the checkpoint as evaluation did. The
+    training file holds the 12 ten times: an epoch of 30 steps, so that the run evaluates (as it does
+    at each epoch's end) 7 times, not 67."""
+    examples = SquadExamples.load(str(VALIDATION_SAMPLE), max_samples=12)
     output = tmp_path / "run"
-    flags = ["--model", tiny_t5_dir, "--train-file", VALIDATION_SAMPLE, "--validation-file", VALIDATION_SAMPLE,
-             "--max-train-samples", "12", "--max-eval-samples", "12", "--max-seq-length", "128", "--doc-stride", "32",
-             "--max-steps", "200", "--batch-size", "4", "--learning-rate", "1e-2", "--warmup-ratio", "0.05",
-             "--device", "cpu", "--precision", "fp32", "--output-dir", output]
+    flags = ["--model", tiny_t5_dir, "--train-file", squad_file(tmp_path / "train.json", examples.examples, copies=10),
+             "--validation-file", VALIDATION_SAMPLE, "--max-eval-samples", "12", "--max-seq-length", "128",
+             "--doc-stride", "32", "--max-steps", "200", "--batch-size", "4", "--learning-rate", "1e-2",
+             "--warmup-ratio", "0.05", "--device", "cpu", "--precision", "fp32", "--output-dir", output]
     train.main([str(f) for f in flags])
     results = json.loads((output / "results.json").read_text())
     print(f"untrained EM {results['initial_eval']['exact_match']:.1f}, trained EM {results['eval']['exact_match']:.1f}")
@@ -173,12 +185,7 @@ def test_tiny_t5_learns_to_answer_and_predict_reuses_it(tmp_path, tiny_t5_dir):
     config = json.loads((output / "best" / "run_config.json").read_text())
     assert config["qa_style"] == "generative" and config["model_kind"] == "seq2seq"
 
-    examples = SquadExamples.load(str(VALIDATION_SAMPLE), max_samples=12)
-    questions = tmp_path / "questions.json"
-    questions.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
-        {"context": e.context, "qas": [{"id": e.id, "question": e.question,
-                                        "answers": [{"text": t, "answer_start": s} for t, s in zip(e.answer_texts, e.answer_starts)]}]}
-        for e in examples.examples]}]}))
+    questions = squad_file(tmp_path / "questions.json", examples.examples)
     # latest/ is the model of the last evaluation, whose answers predictions.json holds; in its precision
     # (predict.py's auto may be bf16 on this CPU, where near-tied answers of a tiny model can flip).
     predict_output("--checkpoint", output / "latest", "--input", questions, "--output", tmp_path / "p.json",
