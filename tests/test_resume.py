@@ -1,8 +1,8 @@
 """Exact resume: a run interrupted in any way and resumed with --resume ends where the uninterrupted
 run ends: the same weights, optimizer, schedule and random states, scores and predictions, bit for
 bit (CPU, fp32), whatever the model, the part that trains, and however the run was stopped: an
-exception in a step, SIGKILL while evaluating or saving, SIGTERM under torchrun (two nodes sharing
-a disk or each on its own), an FSDP2 worker SIGKILLed under torchrun --max-restarts. One
+exception in a step, SIGKILL while evaluating or saving, SIGTERM under torchrun (two nodes, each on
+a disk of its own), an FSDP2 worker SIGKILLed under torchrun --max-restarts. One
 test, a case per way; each case's uninterrupted twin runs once (the extractive one is the suite's
 shared tiny run, the torchrun ones two processes on one node)."""
 import json
@@ -77,8 +77,6 @@ CASES = {
         "tiny_model_dir", lambda m, c: tiny_flags(m, "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4",
                                                   "--eval-batch-size", "2", "--log-steps", "1",
                                                   "--no-eval-before-training"), "kill"),
-    "torchrun, two nodes sharing a disk, SIGTERM, --resume auto": Case(
-        "tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-nodes-sigterm"),
     # FSDP resumes from the gathered optimizer state, sharded again (SIGTERM under torchrun: the nodes' cases).
     "torchrun FSDP --max-restarts, a worker SIGKILLed, --resume auto": Case(
         "tiny_model_dir", lambda m, c: torchrun_flags(m, "--fsdp"), "torchrun-restart"),
@@ -137,22 +135,6 @@ def stopped_by_sigterm(commands: list[list[str]], output_dir: Path) -> int:
     return step
 
 
-def torchrun_nodes_sigterm(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
-    """Two nodes (static rendezvous) whose output directory is one shared disk: stopped by SIGTERM,
-    then the same command again continues (--resume auto). The DDP run may also resume in one
-    process with the same global batch, and refuses another."""
-    nodes = [None, None]
-    stopped_by_sigterm(node_commands([*flags, "--resume", "auto"], output_dir, nodes), output_dir)
-    one_process = shutil.copytree(output_dir, output_dir.with_name("one-process"))
-    output = all_succeeded(node_commands([*flags, "--resume", "auto"], output_dir, nodes), output_dir.with_name("logs"))
-    assert "shared by all 2 processes" in output
-    refused = train_error([*with_output(flags, one_process), "--resume"])
-    assert "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4" in refused
-    batch = flags.index("--batch-size") + 1
-    train.main([*with_output([*flags[:batch], "4", *flags[batch + 1:]], one_process), "--resume"])
-    assert saved_step(one_process) == TORCHRUN_STEPS
-
-
 def torchrun_restart(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
     """One worker SIGKILLed after a save (the OOM killer, a lost GPU): torchrun --max-restarts starts
     the workers again with the same command line, which continues from latest/ by itself."""
@@ -164,23 +146,32 @@ def torchrun_restart(case: Case, flags: list, output_dir: Path, monkeypatch) -> 
     output = finished([process], logs)
     assert process.returncode == 0, output[-5000:]
     assert "--resume auto: no checkpoint" in output and "resumed from" in output, output[-5000:]
+    assert "shared by all 2 processes" in output, output[-5000:]
 
 
 def torchrun_nodes_local(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
-    """Two nodes whose output directories are disks of their own (node 1's mounted over the path in
-    its mount namespace): each node writes its disk's copy of every checkpoint, so SIGTERM then the
-    same command resumes on both. Then node 1's disk is lost (a new machine, empty): rank 0 sends it
-    the checkpoints and the run goes on."""
+    """Two nodes (static rendezvous) whose output directories are disks of their own (node 1's
+    mounted over the path in its mount namespace): each node writes its disk's copy of every
+    checkpoint, so SIGTERM then the same command (--resume auto) resumes on both. Then node 1's disk
+    is lost (a new machine, empty): rank 0 sends it the checkpoints and the run goes on. The stopped
+    DDP run may also resume in one process with the same global batch, and refuses another. (A disk
+    the processes share: the FSDP case, two processes on one node.)"""
     if not can_mount():
         pytest.skip("a node's own disk needs a mount namespace: unshare -m, as root")
     disk = output_dir.with_name("node-1-disk")
     nodes = [None, disk]
     step = stopped_by_sigterm(node_commands([*flags, "--resume", "auto"], output_dir, nodes), output_dir)
     assert saved_step(disk) == step and same_checkpoints(output_dir, disk)
+    one_process = shutil.copytree(output_dir, output_dir.with_name("one-process"))
     shutil.rmtree(disk)
     output = all_succeeded(node_commands([*flags, "--resume", "auto"], output_dir, nodes), output_dir.with_name("logs"))
     assert "on 2 disks, not shared" in output and f"holds nothing: sending it step {step}'s" in output, output[-5000:]
     assert same_checkpoints(output_dir, disk)
+    refused = train_error([*with_output(flags, one_process), "--resume"])
+    assert "global batch (--batch-size x --grad-accum-steps x processes) 8 -> 4" in refused
+    batch = flags.index("--batch-size") + 1
+    train.main([*with_output([*flags[:batch], "4", *flags[batch + 1:]], one_process), "--resume"])
+    assert saved_step(one_process) == TORCHRUN_STEPS
 
 
 def same_checkpoints(a: Path, b: Path) -> bool:
@@ -197,8 +188,8 @@ def same_checkpoints(a: Path, b: Path) -> bool:
     return all(files(a / name) == files(b / name) for name in ("latest", "best")) and equal(state(a), state(b))
 
 
-INTERRUPTIONS = {"crash": crash, "kill": kill, "torchrun-nodes-sigterm": torchrun_nodes_sigterm,
-                 "torchrun-restart": torchrun_restart, "torchrun-nodes-local": torchrun_nodes_local}
+INTERRUPTIONS = {"crash": crash, "kill": kill, "torchrun-restart": torchrun_restart,
+                 "torchrun-nodes-local": torchrun_nodes_local}
 
 
 @pytest.mark.parametrize("name", list(CASES))
