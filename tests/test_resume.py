@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import GENERATIVE_RUN_FLAGS, ZERO_GRADIENT_TENSORS, tiny_flags, train_error
+from conftest import GENERATIVE_RUN_FLAGS, ZERO_GRADIENT_TENSORS, tiny_flags, train_error, weights
 from runs import (STANDALONE, all_succeeded, can_mount, children, crash_then_resume, differences, equal, finished,
                   killed_at, node_commands, run_torchrun, saved_step, start_until_saved, succeeded,
                   torchrun_command, training_state, untimed)
@@ -77,9 +77,10 @@ CASES = {
         "tiny_model_dir", lambda m, c: tiny_flags(m, "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4",
                                                   "--eval-batch-size", "2", "--log-steps", "1",
                                                   "--no-eval-before-training"), "kill"),
-    # FSDP resumes from the gathered optimizer state, sharded again (SIGTERM under torchrun: the nodes' cases).
-    "torchrun FSDP --max-restarts, a worker SIGKILLed, --resume auto": Case(
-        "tiny_model_dir", lambda m, c: torchrun_flags(m, "--fsdp"), "torchrun-restart"),
+    # FSDP resumes from the gathered optimizer state, sharded again, its frozen layers left as they were
+    # (SIGTERM under torchrun: the nodes' case).
+    "torchrun FSDP, last layer only, --max-restarts, a worker SIGKILLed, --resume auto": Case(
+        "tiny_model_dir", lambda m, c: torchrun_flags(m, "--fsdp", "--train-last-layers", "1"), "torchrun-restart"),
     "torchrun, two nodes on disks of their own, SIGTERM, then one disk lost": Case(
         "tiny_model_dir", lambda m, c: torchrun_flags(m), "torchrun-nodes-local"),
 }
@@ -147,6 +148,10 @@ def torchrun_restart(case: Case, flags: list, output_dir: Path, monkeypatch) -> 
     assert process.returncode == 0, output[-5000:]
     assert "--resume auto: no checkpoint" in output and "resumed from" in output, output[-5000:]
     assert "shared by all 2 processes" in output, output[-5000:]
+    initial, trained = (weights(d) for d in (Path(flags[flags.index("--model") + 1]), output_dir / "latest"))
+    layer = "bert.encoder.layer.{}.intermediate.dense.weight"
+    assert torch.equal(initial[layer.format(0)], trained[layer.format(0)])  # frozen (--train-last-layers 1)
+    assert not torch.equal(initial[layer.format(1)], trained[layer.format(1)])
 
 
 def torchrun_nodes_local(case: Case, flags: list, output_dir: Path, monkeypatch) -> None:
