@@ -282,11 +282,14 @@ class Check:
         self.rows.append((name, status, seconds, found or ""))
         self.log.line(f"---- {name}: {status} in {seconds:.1f} s{f': {found}' if found else ''}")
 
+    def placement(self, output: Path) -> list[str]:
+        """train.py's device, precision and output directory flags, the same for every run."""
+        return ["--device", self.sizes.device, "--precision", self.sizes.precision, "--output-dir", str(output)]
+
     def train(self, name: str, flags: list[str], launcher: list[str] | None = None) -> dict:
         output = self.work / name
         shutil.rmtree(output, ignore_errors=True)
-        command = [*(launcher or [self.python]), "train.py", *flags, "--device", self.sizes.device,
-                   "--precision", self.sizes.precision, "--output-dir", str(output)]
+        command = [*(launcher or [self.python]), "train.py", *flags, *self.placement(output)]
         run(command, self.log, self.sizes.step_timeout)
         results = json.loads((output / "results.json").read_text())
         self.runs.append({"run": name, **{key: results.get(key) for key in (
@@ -389,7 +392,7 @@ class Check:
     def probe(self) -> str:
         output = self.work / "probe"
         command = [self.python, "bench/gpu_probe.py", "--steps", str(self.sizes.probe_steps), "--", *self.qa_flags(
-            "--device", self.sizes.device, "--precision", self.sizes.precision, "--output-dir", str(output))]
+            *self.placement(output))]
         lines, done = [], run(command, self.log, self.sizes.step_timeout)
         report = json.loads(done.lines[-1])
         if "host_reads" in report:
@@ -417,8 +420,7 @@ class Check:
         self.train("resume-uninterrupted", flags)
         stopped = self.work / "resume-stopped"
         shutil.rmtree(stopped, ignore_errors=True)
-        command = [self.python, "train.py", *flags, "--device", self.sizes.device, "--precision", self.sizes.precision,
-                   "--output-dir", str(stopped)]
+        command = [self.python, "train.py", *flags, *self.placement(stopped)]
         stopping = Command(command, self.log)
         deadline = time.monotonic() + self.sizes.step_timeout
         while (saved_step(stopped) < self.sizes.save_steps and stopping.process.poll() is None
