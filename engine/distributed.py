@@ -49,11 +49,14 @@ def init_processes(requested_device: str) -> torch.device:
                         "give --device cuda (or auto)")
     device = process_device(device, int(os.environ["LOCAL_RANK"]))
     backend = process_group_backend(device)
-    # torchrun --max-restarts starts the workers again on the store of their first start, where the
-    # addresses the dead workers published are still found (gloo then connects to closed ports):
-    # each start keeps its keys under a prefix of its own.
+    # The store outlives process groups: torchrun --max-restarts starts the workers again on the store
+    # of their first start, and --seeds joins a new group for each seed in the same processes. Where an
+    # earlier group's addresses are still found, gloo connects to closed ports: each start, and each
+    # group within it, keeps its keys under a prefix of its own.
     store, process_rank, processes = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"start-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    start = f"start-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    group = store.add(f"{start}/groups-joined-by-rank-{process_rank}", 1)  # every rank joins the same groups
+    store = dist.PrefixStore(f"{start}/group-{group}", store)
     dist.init_process_group(backend, store=store, rank=process_rank, world_size=processes,
                             device_id=device if backend == "nccl" else None)
     return device

@@ -181,10 +181,11 @@ def torchrun(monkeypatch):
 
 def process_group_call(torchrun) -> tuple[str, dict]:
     """The backend and the settings the process group was created with, its store checked: the
-    keys of this start go under a prefix of their own (the store outlives torchrun's restarts)."""
+    keys of this start's first group go under a prefix of their own (the store outlives torchrun's
+    restarts, and --seeds joins a group per seed)."""
     [(backend, settings)] = torchrun.calls
     settings.pop("store").set("address", "of this start")
-    assert torchrun.store.get("start-2/address") == b"of this start"
+    assert torchrun.store.get("start-2/group-1/address") == b"of this start"
     assert settings.pop("rank") == 1 and settings.pop("world_size") == 2
     return backend, settings
 

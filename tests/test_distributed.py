@@ -101,10 +101,16 @@ FLAGS = {"extractive": extractive_flags, "seq2seq": generative_flags, "decoder":
 @pytest.fixture(scope="module")
 def ddp_runs(model_dirs, tmp_path_factory):
     """For each model kind: 2 processes x batch 2 and 1 process x batch 4, both with 2 accumulation
-    micro-batches: the same global batch of 8."""
+    micro-batches: the same global batch of 8. The clm pair's two processes run `--seeds 42,7` into
+    seeds/: "two" is their seed-42/, the default seed's run, and seed 7 follows in the same processes."""
     runs = {kind: tmp_path_factory.mktemp(kind) for kind in FLAGS}
     for kind, flags in FLAGS.items():
-        succeeded(run_torchrun(*flags(model_dirs[kind], runs[kind] / "two", 2)))
+        if kind == "clm":
+            seeds = succeeded(run_torchrun(*flags(model_dirs[kind], runs[kind] / "seeds", 2, "--seeds", "42,7")))
+            (runs[kind] / "seeds-stdout.txt").write_text(seeds.stdout)
+            (runs[kind] / "two").symlink_to(runs[kind] / "seeds" / "seed-42")
+        else:
+            succeeded(run_torchrun(*flags(model_dirs[kind], runs[kind] / "two", 2)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the two processes computes: the same evaluation batches, bit for bit
     try:
@@ -145,6 +151,18 @@ def test_sharded_evaluation_scores_like_one_process(ddp_runs, kind):
     before_one = json.loads((base / "one" / "predictions_before_training.json").read_text())
     assert before_two == before_one and len(before_two) == 9
     assert json.loads((base / "two" / "predictions.json").read_text()) == json.loads((base / "one" / "predictions.json").read_text())
+
+
+def test_seeds_under_torchrun_train_each_seed_in_a_process_group_of_its_own(ddp_runs):
+    """--seeds under torchrun: after seed 42's run (the tests above) the processes leave their group
+    and join a new one for seed 7, which trains on another order; rank 0 alone summarises."""
+    base = ddp_runs["clm"]
+    seven = results(base / "seeds" / "seed-7")
+    assert (seven["processes"], seven["steps"]) == (2, 4)
+    perplexity = {seed: results(base / "seeds" / f"seed-{seed}")["eval"]["perplexity"] for seed in ("42", "7")}
+    assert perplexity["42"] != perplexity["7"]
+    assert json.loads((base / "seeds" / "seeds.json").read_text())["scores"]["perplexity"]["by_seed"] == perplexity
+    assert (base / "seeds-stdout.txt").read_text().count("perplexity over seeds 42, 7:") == 1
 
 
 def test_only_rank_zero_writes(ddp_runs):
