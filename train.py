@@ -730,9 +730,9 @@ def over_seeds(settings: TrainSettings) -> None:
 
 def main(argv=None) -> None:
     settings = parse_settings(argv)
-    if settings.seeds:
+    if settings.seeds and not settings.dry_run:
         over_seeds(settings)
-    else:
+    else:  # a dry run projects one run: every seed's takes as many steps of the same batches' sizes
         train_once(settings)
 
 
@@ -756,6 +756,9 @@ def train_once(settings: TrainSettings) -> None:
             leave_processes(run)
             if main_process:
                 print(describe_dry_run(report, output_dir / DRY_RUN))
+                if settings.seeds:
+                    print(f"  --seeds {','.join(settings.seeds)}: {len(settings.seeds)} runs like this one, "
+                          "one after another")
             if not report["fits"]:
                 raise SystemExit(1)
             return

@@ -210,6 +210,10 @@ def test_seeds_run_the_recipe_once_per_seed_and_summarise_the_spread(run_a, tiny
     assert json.loads((tmp_path / "seeds.json").read_text())["scores"]["f1"] == summary
     with pytest.raises(UserError, match="--seeds 1,x: give distinct whole numbers"):
         train.main(tiny_args(tiny_model_dir, tmp_path, "--seeds", "1,x"))
+    capsys.readouterr()
+    train.main(tiny_args(tiny_model_dir, tmp_path / "dry", "--seeds", "42,7", "--dry-run"))  # one run's projection
+    assert "--seeds 42,7: 2 runs like this one" in capsys.readouterr().out
+    assert (tmp_path / "dry" / "dry_run.json").is_file() and not (tmp_path / "dry" / "seed-42").exists()
 
 
 @pytest.fixture(scope="module")
