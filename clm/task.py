@@ -100,6 +100,9 @@ def pad_token_id(tokenizer) -> int:
 
 
 NO_TEXT = "no text to evaluate on (empty or whitespace only)"
+# Which documents are held out for validation is a fixed draw, not --seed's: runs over several seeds
+# (train.py --seeds) score on the same documents. 42 is the draw --seed's default made before.
+HELD_OUT_DRAW = 42
 
 
 def cached_tokens(source: TextSource, tokenizer, cache_dir: str):
@@ -155,8 +158,8 @@ class CLMTask(Task):
     @staticmethod
     def _sources(settings) -> tuple[TextSource, TextSource, str]:
         """The training and validation sources, and why validation may have no text (for its error
-        line). Without a validation source (file or Hub split), a seeded share of the training
-        documents is held out, each document to one side."""
+        line). Without a validation source (file or Hub split), a share of the training documents
+        drawn at random (HELD_OUT_DRAW) is held out, each document to one side."""
         if settings.dataset:
             splits = load_splits(settings.dataset, settings.dataset_config)
             train = split_source(splits, "train", settings.dataset, settings)
@@ -169,10 +172,11 @@ class CLMTask(Task):
 
         def side(held_out: bool) -> TextSource:
             def documents():
-                rng = np.random.default_rng(settings.seed)
+                rng = np.random.default_rng(HELD_OUT_DRAW)
                 return (d for d in train.documents() if (rng.random() < settings.validation_split) == held_out)
 
-            key = {**train.key, "validation_split": settings.validation_split, "seed": settings.seed, "held_out": held_out}
+            key = {**train.key, "validation_split": settings.validation_split, "held_out_draw": HELD_OUT_DRAW,
+                   "held_out": held_out}
             return TextSource(documents, key, train.where)
 
         return side(False), side(True), ("no document was held out for validation (give a --validation-file, or a "

@@ -220,7 +220,8 @@ def test_lora_and_freezing_train_a_part_and_predict_loads_it(tmp_path, tiny_llam
     assert first == second and first[0].strip()
 
 
-def test_held_out_validation_documents_are_seeded_and_disjoint(tmp_path):
+def test_held_out_validation_documents_are_disjoint_and_the_same_for_every_seed(tmp_path):
+    """Runs over seeds (--seeds) score on the same held-out documents."""
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(f"Document number {i}." for i in range(200)))
 
@@ -233,8 +234,7 @@ def test_held_out_validation_documents_are_seeded_and_disjoint(tmp_path):
     train_documents, validation_documents = split(seed=1)
     assert sorted(train_documents + validation_documents) == sorted(f"Document number {i}." for i in range(200))
     assert 30 <= len(validation_documents) <= 70
-    assert split(seed=1) == (train_documents, validation_documents)
-    assert split(seed=2) != (train_documents, validation_documents)
+    assert split(seed=2) == (train_documents, validation_documents)
 
 
 def test_nothing_held_out_is_one_error_line(tmp_path, tiny_llama_dir):
