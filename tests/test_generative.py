@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PREDICT_FLAGS, VALIDATION_SAMPLE, predict_output
+from conftest import PREDICT_FLAGS, VALIDATION_SAMPLE, predict_output, squad_json
 from test_training import accumulation_matches
 
 import train
@@ -160,10 +160,10 @@ def test_grad_accumulation_normalises_by_answer_tokens(request, tiny_tokenizer, 
 
 def squad_file(path, examples, copies: int = 1):
     """`examples` as a SQuAD JSON file, each `copies` times (its copies' ids suffixed)."""
-    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
-        {"context": e.context, "qas": [{"id": f"{e.id}-{copy}" if copies > 1 else e.id, "question": e.question,
-                                        "answers": [{"text": t, "answer_start": s} for t, s in zip(e.answer_texts, e.answer_starts)]}]}
-        for copy in range(copies) for e in examples]}]}))
+    paragraphs = [(e.context, [{"id": f"{e.id}-{copy}" if copies > 1 else e.id, "question": e.question,
+                                "answers": [{"text": t, "answer_start": s} for t, s in zip(e.answer_texts, e.answer_starts)]}])
+                  for copy in range(copies) for e in examples]
+    path.write_text(json.dumps(squad_json([("t", paragraphs)])))
     return path
 
 
