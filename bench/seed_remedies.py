@@ -4,7 +4,7 @@ each recipe's F1 and EM over its seeds (mean, minimum, maximum, standard deviati
 next to the defaults' over the same seeds.
 
     python bench/seed_remedies.py ../shared/data/squad-v1.1/dev-pool-v1.1.json.gz --seeds 2,4 \\
-        --recipe defaults= --recipe "lr 1e-4=--learning-rate 1e-4" --recipe "zero head=--span-head-init zero"
+        --recipe defaults= --recipe "lr 1e-4=--learning-rate 1e-4" --recipe "zero head=--span-head-init-scale 0"
 
 Runs take minutes each, so every finished run is kept in `--record` (JSON, keyed by the recipe's
 flags and the seed): a later invocation skips the runs it holds, adds new seeds or recipes to them,
