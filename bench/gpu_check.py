@@ -25,8 +25,8 @@ Steps, each timed, its output in the whole log:
   torchrun      train.py under torchrun, one process per GPU (NCCL)
 In the CPU dry run every step runs on the CPU with tiny models and few steps, at train.py's
 automatic precision (bf16 only on a CPU where it is not emulated: emulated, it made the dry run
-several times slower and proves nothing the GPU's run needs), and the CUDA-only parts are skipped
-and named. OUT receives two files: gpu_check.log (everything) and summary.md (the
+several times slower and proves nothing the GPU's run needs), and the CUDA-only parts (cuda-tests,
+probe) are skipped and named. OUT receives two files: gpu_check.log (everything) and summary.md (the
 table); the runs are written under --work (default OUT/work).
 """
 import argparse
@@ -81,17 +81,17 @@ class Sizes:
     qa_steps: int
     clm_steps: int
     batch_size: int
-    probe_steps: int
     resume_steps: int
     save_steps: int
     torchrun_steps: int
     step_timeout: int  # seconds for each command
 
 
-GPU = Sizes("cuda", "bf16", False, qa_copies=48, text_copies=500, block_size=None, qa_steps=300, clm_steps=200, batch_size=32, probe_steps=20,
+GPU = Sizes("cuda", "bf16", False, qa_copies=48, text_copies=500, block_size=None, qa_steps=300, clm_steps=200, batch_size=32,
             resume_steps=400, save_steps=50, torchrun_steps=50, step_timeout=240)
 CPU_DRY_RUN = Sizes("cpu", "auto", True, qa_copies=1, text_copies=1, block_size=64, qa_steps=3, clm_steps=2, batch_size=8,
-                    probe_steps=2, resume_steps=12, save_steps=4, torchrun_steps=2, step_timeout=120)
+                    resume_steps=12, save_steps=4, torchrun_steps=2, step_timeout=120)
+PROBE_STEPS = 20  # of each of gpu_probe.py's measurements (the GPU's only: the CPU dry run skips the probe)
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16}
 
@@ -390,8 +390,11 @@ class Check:
         return self.figures(self.train("clm", self.clm_flags("--max-steps", str(self.sizes.clm_steps))))
 
     def probe(self) -> str:
+        if self.sizes.device != "cuda":
+            return "skipped: CUDA-only (host reads per step, copies to the GPU; tests/test_gpu_check.py runs the " \
+                   "probe's steps on the CPU)"
         output = self.work / "probe"
-        command = [self.python, "bench/gpu_probe.py", "--steps", str(self.sizes.probe_steps), "--", *self.qa_flags(
+        command = [self.python, "bench/gpu_probe.py", "--steps", str(PROBE_STEPS), "--", *self.qa_flags(
             *self.placement(output))]
         lines, done = [], run(command, self.log, self.sizes.step_timeout)
         report = json.loads(done.lines[-1])

@@ -11,7 +11,7 @@
     python bench/gpu_probe.py --steps 20 -- TRAIN.PY FLAGS
 
 Prints one JSON object. On a CPU both are skipped, named in "skipped"; the steps still run, so that
-bench/gpu_check.sh --cpu-dry-run proves the probe against today's train.py.
+tests/test_gpu_check.py proves the probe against today's train.py.
 """
 import argparse
 import collections
@@ -105,12 +105,12 @@ def traced_copies(run, batches: list[list[int]]) -> dict:
         return copy_report(json.loads(trace.read_text())["traceEvents"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="steps of each measurement (after 3 warm-up steps)")
     parser.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then train.py's flags")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     settings = train.parse_settings([flag for flag in args.train_flags if flag != "--"])
     run = train.setup(settings, pick_device(settings.device))
     batches = run.batches.for_epoch(0)

@@ -1,13 +1,15 @@
 """bench/gpu_check.sh runs on a GPU rarely, so it is kept from rotting between GPUs here: its CPU
 dry run (every step on the CPU with tiny models, the CUDA-only parts skipped and named) passes
-against today's train.py and predict.py, and what it reads (profiler traces, requirements) is
-read right."""
+against today's train.py and predict.py, the probe's steps run on the CPU, and what it reads
+(profiler traces, requirements) is read right."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -46,7 +48,7 @@ def test_the_cpu_dry_run_runs_every_step_and_names_what_only_a_gpu_can(dry_run):
     assert {name: status for name, (status, _) in steps.items()} == {
         **{name: "ok" for name in STEPS}, "cuda-tests": "skipped", "probe": "skipped"}
     assert "CUDA-only" in steps["cuda-tests"][1]
-    assert "host reads per step" in steps["probe"][1] and "copies to the GPU" in steps["probe"][1]
+    assert "CUDA-only" in steps["probe"][1] and "host reads per step" in steps["probe"][1]
     assert "bit-equal" in steps["resume"][1] and "stopped at step" in steps["resume"][1]
     assert "1 process on cpu (gloo)" in steps["torchrun"][1]
     runs = {row[0]: row for row in table_rows(summary, "| run |")}
@@ -55,6 +57,16 @@ def test_the_cpu_dry_run_runs_every_step_and_names_what_only_a_gpu_can(dry_run):
     # The device tool brings back a few files from OUT: the log and the table, beside the runs' folder.
     assert {p.name for p in dry_run.iterdir()} == {"gpu_check.log", "summary.md", "work", ".gpu-check"}
     assert "$ " in (dry_run / "gpu_check.log").read_text()  # the commands and their output
+
+
+def test_the_probe_runs_train_steps_on_the_cpu_and_names_what_it_skips(capsys, tiny_model_dir, tmp_path):
+    """The probe's CUDA measurements are the GPU's alone, but its steps are today's train.py's: a
+    change to setup, train_step or the batches that broke it would show here, not first on a GPU."""
+    gpu_probe.main(["--steps", "1", "--", *tiny_args(tiny_model_dir, tmp_path / "probe")])
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["device"] == "cpu" and report["precision"] == "fp32"
+    assert [reason.split(" (")[0] for reason in report["skipped"]] == ["host reads per step", "copies to the GPU"]
+    assert report["copies"]["copies"] == 0 and "host_reads" not in report
 
 
 def test_copies_alongside_kernels_and_the_gpu_busy_share_are_read_from_a_trace():
