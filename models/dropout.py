@@ -52,13 +52,14 @@ class MaskDropout(torch.nn.Dropout):
 
 def use_mask_dropout(model: torch.nn.Module, device: torch.device, compiled: bool) -> int:
     """Replace the model's `nn.Dropout` modules by `MaskDropout` where it is faster (eager, on the
-    CPU); returns how many were replaced. Models that call `functional.dropout` directly keep it."""
+    CPU); returns how many were replaced. Models that call `functional.dropout` directly keep it, and
+    a dropout of 0 (train.py's default hidden dropout) stays torch's, which returns its input."""
     if device.type != "cpu" or compiled:
         return 0
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Dropout:
+            if type(child) is torch.nn.Dropout and child.p > 0:
                 setattr(parent, name, MaskDropout(child.p))
                 replaced += 1
     return replaced

@@ -78,14 +78,16 @@ def model_with_dropouts() -> torch.nn.Module:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1),
                                 torch.nn.ModuleDict({"adapter": torch.nn.Dropout(0.05)}))
     model.extra = torch.nn.Dropout(0.2)
+    model.off = torch.nn.Dropout(0.0)  # draws nothing: left as it is
     return model
 
 
 def test_replaced_on_the_cpu_in_eager_mode_only():
     model = model_with_dropouts()
     assert use_mask_dropout(model, torch.device("cpu"), compiled=False) == 3
-    assert [type(m) for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [MaskDropout] * 3
-    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.1, 0.05, 0.2]
+    assert [type(m) for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [MaskDropout] * 3 + [
+        torch.nn.Dropout]
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.1, 0.05, 0.2, 0.0]
     # torch's own dropout is one fused kernel on a GPU, and torch.compile generates its own.
     for device, compiled in ((torch.device("cuda"), False), (torch.device("cpu"), True)):
         model = model_with_dropouts()
@@ -101,5 +103,5 @@ def test_training_setup_uses_it_for_the_model(tiny_model_dir, tmp_path):
 
     args = train.parse_settings(tiny_args(tiny_model_dir, tmp_path))
     run = train.setup(args, torch.device("cpu"))
-    dropouts = [m for m in run.model.modules() if isinstance(m, torch.nn.Dropout)]
+    dropouts = [m for m in run.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     assert dropouts and all(type(m) is MaskDropout for m in dropouts)
