@@ -17,10 +17,10 @@ Steps, each timed, its output in the whole log:
   models        MiniLM-L6-H384 and SmolLM2-135M at full size with random weights, from the kit's
                 configurations (or the installed packages'); speed and memory do not depend on the weights
   cuda-tests    tests/test_cuda.py (tiny models built from configurations, with MiniLM's tokenizer)
-  qa            extractive QA in bf16, some hundred steps: tokens/s, MFU, peak GPU memory
+  qa            extractive QA in bf16, some hundred steps saving every 50: tokens/s, MFU, peak GPU memory
   clm           causal LM in bf16, some hundred steps: the same figures
   probe         bench/gpu_probe.py: host reads per step, pinned copies alongside kernels
-  resume        a run stopped with SIGTERM after a checkpoint and resumed, against one never stopped
+  resume        the qa run again, stopped with SIGTERM after a checkpoint and resumed: equal to qa's?
   predict       predict.py on the GPU, from both checkpoints
   torchrun      train.py under torchrun, one process per GPU (NCCL)
 In the CPU dry run every step runs on the CPU with tiny models and few steps, at train.py's
@@ -78,19 +78,18 @@ class Sizes:
     qa_copies: int  # the shipped QA training sample, repeated: one epoch longer than the run
     text_copies: int  # the shipped text sample, repeated
     block_size: int | None  # the causal LM's (None: its default, 1024 for SmolLM2)
-    qa_steps: int
+    qa_steps: int  # also the resume step's uninterrupted run
     clm_steps: int
     batch_size: int
-    resume_steps: int
-    save_steps: int
+    save_steps: int  # the QA runs' checkpoints, the first of which the resume step's stopped run waits for
     torchrun_steps: int
     step_timeout: int  # seconds for each command
 
 
 GPU = Sizes("cuda", "bf16", False, qa_copies=48, text_copies=500, block_size=None, qa_steps=300, clm_steps=200, batch_size=32,
-            resume_steps=400, save_steps=50, torchrun_steps=50, step_timeout=240)
-CPU_DRY_RUN = Sizes("cpu", "auto", True, qa_copies=1, text_copies=1, block_size=64, qa_steps=3, clm_steps=2, batch_size=8,
-                    resume_steps=12, save_steps=4, torchrun_steps=2, step_timeout=120)
+            save_steps=50, torchrun_steps=50, step_timeout=240)
+CPU_DRY_RUN = Sizes("cpu", "auto", True, qa_copies=1, text_copies=1, block_size=64, qa_steps=12, clm_steps=2, batch_size=8,
+                    save_steps=4, torchrun_steps=2, step_timeout=120)
 PROBE_STEPS = 20  # of each of gpu_probe.py's measurements (the GPU's only: the CPU dry run skips the probe)
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16}
@@ -369,7 +368,7 @@ class Check:
     def qa_flags(self, *extra: str) -> list[str]:
         return ["--task", "qa", "--model", str(self.work / "models" / "minilm-l6"), "--train-file",
                 str(self.work / "squad_train.json"), "--batch-size", str(self.sizes.batch_size), "--save-steps",
-                "1000000", *extra]
+                str(self.sizes.save_steps), *extra]
 
     def clm_flags(self, *extra: str) -> list[str]:
         return ["--task", "clm", "--model", str(self.work / "models" / "smollm2-135m"), "--train-file",
@@ -383,8 +382,12 @@ class Check:
         return (f"{results['steps']} steps in {results['precision']} in {results['train_seconds']:.1f} s, "
                 f"{results['train_tokens_per_s']:,.0f} tokens/s, {mfu}, {memory}")
 
+    def qa_run_flags(self) -> list[str]:
+        return self.qa_flags("--max-steps", str(self.sizes.qa_steps))
+
     def qa(self) -> str:
-        return self.figures(self.train("qa", self.qa_flags("--max-steps", str(self.sizes.qa_steps))))
+        # Its checkpoints make it the resume step's uninterrupted run too (saving is not timed: train_seconds)
+        return self.figures(self.train("qa", self.qa_run_flags()))
 
     def clm(self) -> str:
         return self.figures(self.train("clm", self.clm_flags("--max-steps", str(self.sizes.clm_steps))))
@@ -414,13 +417,14 @@ class Check:
 
     def resume(self) -> str:
         """A run stopped with SIGTERM once training has begun (its first checkpoint is written) and
-        resumed with --resume, against the same run never stopped: weights, optimizer, random states,
-        scores and predictions, bit for bit (tests/runs.py's comparison)."""
+        resumed with --resume, against the same run never stopped (the qa step's): weights, optimizer,
+        random states, scores and predictions, bit for bit (tests/runs.py's comparison)."""
         from tests.runs import differences, saved_step
 
-        flags = self.qa_flags("--max-steps", str(self.sizes.resume_steps))
-        flags[flags.index("--save-steps") + 1] = str(self.sizes.save_steps)
-        self.train("resume-uninterrupted", flags)
+        uninterrupted = self.work / "qa"
+        if not (uninterrupted / "results.json").is_file():
+            raise StepFailed("no uninterrupted run to compare with: the qa step did not finish")
+        flags = self.qa_run_flags()
         stopped = self.work / "resume-stopped"
         shutil.rmtree(stopped, ignore_errors=True)
         command = [self.python, "train.py", *flags, *self.placement(stopped)]
@@ -432,15 +436,15 @@ class Check:
         stopping.process.send_signal(signal.SIGTERM)
         code = stopping.wait(self.sizes.step_timeout, allowed=None)
         at = saved_step(stopped)
-        if code == 0 or at >= self.sizes.resume_steps:
-            raise StepFailed(f"the run finished all {self.sizes.resume_steps} steps before SIGTERM reached it")
+        if code == 0 or at >= self.sizes.qa_steps:
+            raise StepFailed(f"the run finished all {self.sizes.qa_steps} steps before SIGTERM reached it")
         run([*command, "--resume"], self.log, self.sizes.step_timeout)
-        different = differences(self.work / "resume-uninterrupted", stopped)
+        different = differences(uninterrupted, stopped)
         if not different:
-            return f"stopped at step {at} of {self.sizes.resume_steps} by SIGTERM, resumed: bit-equal to the uninterrupted run"
+            return f"stopped at step {at} of {self.sizes.qa_steps} by SIGTERM, resumed: bit-equal to the uninterrupted run"
         # Is it the resume, or the GPU's kernels? A second uninterrupted run tells.
-        self.train("resume-uninterrupted-again", flags)
-        again = differences(self.work / "resume-uninterrupted", self.work / "resume-uninterrupted-again")
+        self.train("qa-again", flags)
+        again = differences(uninterrupted, self.work / "qa-again")
         if again:
             return (f"stopped at step {at}, resumed: differs in {', '.join(different)}, but so do two uninterrupted "
                     f"runs ({', '.join(again)}): this GPU's bf16 kernels are not bit-reproducible")
