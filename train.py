@@ -39,7 +39,7 @@ from engine.distributed import (clip_grad_norm, close_processes, from_main, full
                                 unwrap, world_size, wrap_model)
 from engine.errors import UserError, run_cli
 from engine.files import atomic_write_text
-from engine.optim import OptimizerSettings, auto_learning_rate, build_optimizer, linear_warmup_decay
+from engine.optim import OptimizerSettings, auto_learning_rate, auto_warmup_ratio, build_optimizer, linear_warmup_decay
 from engine.planning import (Projection, StepTime, compile_pays, describe_dry_run, evaluations_to_come, fit_verdict,
                              mfu, planned_step_flops, project)
 from engine.settings import HPARAM, TRAJECTORY, as_saved, changed_trajectory, parse, setting, with_role, write_config
@@ -137,6 +137,7 @@ class Resolved:
     checkpoints and config.yaml), never written into them."""
 
     learning_rate: float  # the flag's, or what `auto` chose for the model
+    warmup_ratio: float  # the flag's, or what `auto` chose for the task
     global_batch: int = field(metadata={"roles": (TRAJECTORY, HPARAM),
                                         "label": "global batch (--batch-size x --grad-accum-steps x processes)"})
 
@@ -231,7 +232,11 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
     learning_rate = settings.learning_rate
     if learning_rate is None:  # --learning-rate auto
         learning_rate = auto_learning_rate(settings.task, settings.lora, total)
-    resolved = Resolved(learning_rate, global_batch=settings.batch_size * settings.grad_accum_steps * world_size())
+    warmup_ratio = settings.warmup_ratio
+    if warmup_ratio is None:  # --warmup-ratio auto
+        warmup_ratio = auto_warmup_ratio(task.run_config["model_kind"])
+    resolved = Resolved(learning_rate, warmup_ratio,
+                        global_batch=settings.batch_size * settings.grad_accum_steps * world_size())
     model = wrap_model(model, device, settings.fsdp, transformer_blocks(model) if settings.fsdp else [],
                        model.get_base_model() if is_lora(model) else model)
     if world_size() > 1:
@@ -242,7 +247,7 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
     total_steps = settings.max_steps or len(batches) * settings.epochs
     optimizer = build_optimizer(model, resolved.learning_rate, settings.weight_decay,
                                 layer_rate_scales(unwrap(model), settings.layer_decay))
-    scheduler = linear_warmup_decay(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    scheduler = linear_warmup_decay(optimizer, int(resolved.warmup_ratio * total_steps), total_steps)
     scaler = grad_scaler(device, precision)
     state = TrainingState()
     if saved:
@@ -270,8 +275,9 @@ def setup(settings: TrainSettings, device: torch.device) -> Run:
     log.info("precision %s (%s); %s", precision, precision_reason, chosen)
     log.info("MFU against %s", f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else f"nothing: {peak_source}")
     log.info("%s; %d optimizer steps of %d (global batch: %d per micro-batch x %d micro-batches x %d processes%s), "
-             "lr %.0e", task.description, total_steps, resolved.global_batch, settings.batch_size,
-             settings.grad_accum_steps, world_size(), ", FSDP" if settings.fsdp else "", resolved.learning_rate)
+             "lr %.0e, warmup %g of the steps", task.description, total_steps, resolved.global_batch, settings.batch_size,
+             settings.grad_accum_steps, world_size(), ", FSDP" if settings.fsdp else "", resolved.learning_rate,
+             resolved.warmup_ratio)
     eval_before_training = (settings.eval_before_training if settings.eval_before_training is not None
                             else not untrained_head)  # a fresh span head would score about nothing
     return Run(settings, resolved, device, precision, task, model, batches, total_steps, optimizer, scheduler, scaler,

@@ -44,6 +44,7 @@ from bench.harness import (ROOT, TRAIN, TRAINER, existing_file, machine_line, me
                            run_training, split_squad, split_wikitext, table, write_report)
 from data.squad import SquadExamples  # noqa: E402
 from engine.device import peak_flops  # noqa: E402
+from engine.optim import auto_warmup_ratio  # noqa: E402
 from models.flops import sequence_flops  # noqa: E402
 from qa.metrics import best_null_thresholds, squad_scores  # noqa: E402
 
@@ -179,11 +180,13 @@ def main():
         flops_per_token = sequence_flops(model_on_meta("minilm-l6", "span")).training([mean_window])[0] / mean_window
         header = ["EM", "F1"] + (["HasAns F1", "NoAns F1", "best EM (threshold)", "best F1 (threshold)"] if v2 else [])
         settings = "MiniLM-L6-H384 (`minilm-l6`), 1 epoch of batch 16 at lr 3e-4"
+        warmup = auto_warmup_ratio("span")
     else:
         flops_per_token = sequence_flops(model_on_meta("smollm2-135m", "causal-lm")).training([CLM_BLOCK])[0] / CLM_BLOCK
         header = ["validation perplexity"] + ([f"perplexity vs {reference}"] if reference else [])
         settings = (f"SmolLM2-135M-Instruct (`smollm2-135m`), {args.steps} optimizer steps of {CLM_BATCH} x {CLM_BLOCK} "
                     f"tokens at lr {CLM_LEARNING_RATE:.0e}")
+        warmup = auto_warmup_ratio("causal-lm")
     peak = peak_flops(torch.device("cpu"), "fp32")[0]
     rows = []
     for name, r in runs.items():
@@ -198,7 +201,7 @@ def main():
                     f"{median(r, 'wall_seconds') / median(ref, 'wall_seconds'):.2f}x"]
         rows.append(row)
     lines = [
-        f"{workload.description}. {settings}, warmup 10% then linear decay, weight decay 0.01, clipping 1.0, fused "
+        f"{workload.description}. {settings}, warmup {warmup:.0%} then linear decay, weight decay 0.01, clipping 1.0, fused "
         "AdamW, for every run. "
         f"Median of {args.repeats * len(seeds)} run(s) per row (seeds {args.seeds}). Train s: time in training steps (ours) or in `Trainer.train()`; "
         "whole run s: the process from start to exit (loading, data, training, evaluation). Model FLOPs per training "

@@ -1,5 +1,5 @@
 """Which learning rate and warmup should `--learning-rate auto` give each task and model size? One
-`train.py` run per learning rate at the default warmup (10% of the steps), then one per other warmup
+`train.py` run per learning rate at a warmup of 10% of the steps, then one per other warmup
 at the best of those rates; fp32 on the CPU, each run in a process of its own, one after another.
 
     python bench/lr_sweep.py --pool ../shared/data/squad-v1.1/dev-pool-v1.1.json.gz \\
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 from bench.harness import (ROOT, TRAIN, machine_line, run_training, split_squad, split_wikitext, table,  # noqa: E402
                            write_report)
 
-DEFAULT_WARMUP = 0.1  # train.py's --warmup-ratio
+DEFAULT_WARMUP = 0.1  # the learning rates' (train.py's for every task when the sweep ran)
 # name: (what it is, its data argument, train.py flags, learning rates, the other warmups)
 SWEEPS = {
     "qa-minilm": ("extractive QA, MiniLM-L6-H384 (`minilm-l6`), full fine-tuning, 1 epoch, batch 16", "pool",
@@ -128,7 +128,7 @@ def main():
     header = [
         "Learning-rate and warmup sweep: each row is one `train.py` run (fp32, CPU, seed 42), in its own process, one "
         "after another; AdamW, weight decay 0.01, linear warmup over the `warmup` share of the steps then linear "
-        "decay, gradient clipping 1.0. The learning rates run at the default warmup 0.1, then the other warmups at "
+        "decay, gradient clipping 1.0. The learning rates run at warmup 0.1, then the other warmups at "
         "the best rate. `train s` is the time in training steps; `whole run s` the process from start to exit.",
         "", machine_line(), ""]
     tables = {}  # name: its lines, as far as it has run

@@ -7,8 +7,8 @@
 
 Its flags mean what train.py's mean, and it writes the keys of train.py's results.json that the
 benchmarks read. The same model, windows or blocks (built by our data code), batch, learning rate,
-warmup (10% of the steps, then linear decay), weight decay 0.01, clipping 1.0, fused AdamW and seed
-as train.py; scored by the same code. qa: MiniLM (`minilm-l6`), the Trainer's collator and loss,
+warmup (train.py's `auto`: 20% of the steps for qa, 10% for clm; then linear decay), weight decay
+0.01, clipping 1.0, fused AdamW and seed as train.py; scored by the same code. qa: MiniLM (`minilm-l6`), the Trainer's collator and loss,
 the model's own attention dropout unless --attention-dropout is given (train.py's default is 0).
 clm: SmolLM2-135M (`smollm2-135m`), the model's usual loss over the full logits (not train.py's
 chunked LM head). Needs `pip install accelerate` (the Trainer requires it).
@@ -32,11 +32,13 @@ from data.qa_features import SquadFeatures  # noqa: E402
 from data.squad import SquadExamples  # noqa: E402
 from data.text_blocks import GroupedTextBlocks, content_hash, read_documents, source_files, token_stream  # noqa: E402
 from engine.device import pick_precision  # noqa: E402
+from engine.optim import auto_warmup_ratio  # noqa: E402
 from models.backbones import load_model, load_tokenizer, resolve_model  # noqa: E402
 from qa.extractive import ExtractiveQA  # noqa: E402
 from qa.metrics import best_null_thresholds, squad_scores  # noqa: E402
 
 MODELS = {"qa": "minilm-l6", "clm": "smollm2-135m"}
+MODEL_KINDS = {"qa": "span", "clm": "causal-lm"}
 
 
 class WithoutFeatureIndex(torch.utils.data.Dataset):
@@ -153,7 +155,7 @@ def main():
     steps = args.max_steps or math.ceil(len(train_set) / batch_size) * args.epochs
     training_args = TrainingArguments(
         output_dir=str(args.output_dir), per_device_train_batch_size=batch_size, max_steps=steps,
-        learning_rate=args.learning_rate or 3e-4, warmup_steps=int(0.1 * steps), weight_decay=0.01, max_grad_norm=1.0,
+        learning_rate=args.learning_rate or 3e-4, warmup_steps=int(auto_warmup_ratio(MODEL_KINDS[args.task]) * steps), weight_decay=0.01, max_grad_norm=1.0,
         optim="adamw_torch_fused", bf16=precision == "bf16", use_cpu=device.type == "cpu", seed=args.seed,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)

@@ -13,7 +13,7 @@ from data.batching import PadToLongest
 from data.qa_features import SquadFeatures
 from data.squad import SquadExamples
 from engine.errors import UserError
-from engine.optim import auto_learning_rate
+from engine.optim import auto_learning_rate, auto_warmup_ratio
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -139,8 +139,9 @@ PREVIOUS_VERSION_ARGS = {
 
 
 def test_a_checkpoint_of_the_previous_version_resumes(tiny_run, tiny_model_dir, tmp_path):
-    """Its saved settings pass the resume check (the finished run has nothing left to do), and a
-    trajectory setting that differs from them is still refused."""
+    """A default changed since (the warmup's) is refused by name; given as it was, the saved settings
+    pass the resume check (the finished run has nothing left to do), and a trajectory setting that
+    differs from them is still refused."""
     import shutil
 
     from conftest import SAMPLES
@@ -157,8 +158,13 @@ def test_a_checkpoint_of_the_previous_version_resumes(tiny_run, tiny_model_dir, 
         torch.save(state, latest / "training_state.pt")
         write_manifest(latest, load_run_config(latest))
 
+    # It warmed up over 10% of its steps: today's auto (20% for extractive QA) would change its course.
     argv = [*tiny_run.flags, "--output-dir", str(run), "--resume"]
     save_args()
+    with pytest.raises(UserError) as error:
+        train.main(argv)
+    one_line(error, "--warmup-ratio 0.1 -> 0.2")
+    argv += ["--warmup-ratio", "0.1"]
     with pytest.raises(UserError, match="nothing to do"):
         train.main(argv)
     save_args(seed=7)
@@ -379,3 +385,12 @@ def test_an_epoch_end_on_an_eval_step_evaluates_once_and_saves_the_next_epoch(ti
 ])
 def test_auto_learning_rate_follows_the_sweep(task, lora, parameters, expected):
     assert auto_learning_rate(task, lora, parameters) == expected
+
+
+def test_auto_warmup_is_chosen_by_model_kind_and_saved_as_chosen(tiny_run):
+    """Extractive QA warms up over 20% of its steps, the other kinds 10% (engine/optim.py cites the
+    seeds); the run records the value it used, so that a resume compares numbers, not `auto`."""
+    assert [auto_warmup_ratio(kind) for kind in ("span", "seq2seq", "causal-lm")] == [0.2, 0.1, 0.1]
+    results = json.loads((tiny_run.output_dir / "results.json").read_text())
+    assert results["args"]["warmup_ratio"] == 0.2
+    assert "\nwarmup_ratio: 0.2\n" in (tiny_run.output_dir / "config.yaml").read_text()
