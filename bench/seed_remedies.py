@@ -9,7 +9,9 @@ next to the defaults' over the same seeds.
 Runs take minutes each, so every finished run is kept in `--record` (JSON, keyed by the recipe's
 flags and the seed): a later invocation skips the runs it holds, adds new seeds or recipes to them,
 and its report covers every run of the recipes it names. Seeds compare paired: on a CPU a seed's run
-is the same run whatever else is measured.
+is the same run whatever else is measured. A recipe's flags act on top of the defaults of its day,
+so the record's keys spell out what a default has changed since (every recipe there names its
+--warmup-ratio: the default became `auto`, 0.2 for extractive QA, after most of them ran at 0.1).
 """
 import argparse
 import json
