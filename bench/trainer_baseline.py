@@ -1,7 +1,7 @@
 """The baseline of bench/against_trainer.py: the fine-tuning train.py does, done by `transformers.Trainer`.
 
     python bench/trainer_baseline.py --task qa --train-file T.json --validation-file V.json --output-dir OUT \\
-        [--precision auto|fp32|bf16] [--group-by-length] [--attention-dropout P]
+        [--precision auto|fp32|bf16] [--group-by-length] [--warmup-ratio R] [--attention-dropout P]
     python bench/trainer_baseline.py --task clm --train-file T.txt --validation-file V.txt --output-dir OUT \\
         --max-steps 15 --batch-size 8 --block-size 256 --learning-rate 3e-5 --cache-dir CACHE
 
@@ -126,6 +126,7 @@ def main():
     p.add_argument("--max-steps", type=int, help="overrides --epochs")
     p.add_argument("--batch-size", type=int, help="default as train.py: 16 (qa), 8 (clm)")
     p.add_argument("--learning-rate", type=float, help="default 3e-4 (qa: train.py's for MiniLM); clm needs it given")
+    p.add_argument("--warmup-ratio", type=float, help="default as train.py's auto: 0.2 (qa), 0.1 (clm)")
     p.add_argument("--attention-dropout", type=float, help="qa: replaces the model's attention dropout")
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--eval-batch-size", type=int, default=8, help="clm evaluation batch")
@@ -155,7 +156,7 @@ def main():
     steps = args.max_steps or math.ceil(len(train_set) / batch_size) * args.epochs
     training_args = TrainingArguments(
         output_dir=str(args.output_dir), per_device_train_batch_size=batch_size, max_steps=steps,
-        learning_rate=args.learning_rate or 3e-4, warmup_steps=int(auto_warmup_ratio(MODEL_KINDS[args.task]) * steps), weight_decay=0.01, max_grad_norm=1.0,
+        learning_rate=args.learning_rate or 3e-4, warmup_steps=int((args.warmup_ratio or auto_warmup_ratio(MODEL_KINDS[args.task])) * steps), weight_decay=0.01, max_grad_norm=1.0,
         optim="adamw_torch_fused", bf16=precision == "bf16", use_cpu=device.type == "cpu", seed=args.seed,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
