@@ -20,7 +20,8 @@ class OptimizerSettings:
     weight_decay: float = setting(0.01, "AdamW weight decay (never on biases and norms)", roles=(TRAJECTORY, HPARAM))
     warmup_ratio: float | None = setting(
         None, "share of the steps spent warming the learning rate up; auto: 0.2 for extractive QA, 0.1 for generative "
-              "QA and causal LM (bench/results/seed_remedies.md, seeds 1-5)", auto=True, roles=(TRAJECTORY, HPARAM))
+              "QA and causal LM (bench/results/seed_remedies.md, seeds 1-5)", auto=True, between=(0, 1),
+        roles=(TRAJECTORY, HPARAM))
     max_grad_norm: float = setting(1.0, "gradient clipping threshold", roles=(TRAJECTORY,))
     layer_decay: float = setting(
         1.0, "layer-wise learning-rate decay: the head and the last block train at the learning rate, each block "

@@ -138,6 +138,7 @@ def test_every_case_is_run(bad_runs):
 
 @pytest.mark.parametrize("flag, value, mention", [("--batch-size", "0", "must be at least 1, got 0"),
                                                    ("--max-steps", "-1", "must be at least 1, got -1"),
+                                                   ("--warmup-ratio", "2", "must be between 0 and 1, got 2"),
                                                    ("--precision", "fp8", "invalid choice: 'fp8'")])
 def test_bad_flags_are_one_error_line(flag, value, mention):
     message = train_error([flag, value])
