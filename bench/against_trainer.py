@@ -177,16 +177,17 @@ def main():
     first = next(iter(runs.values()))[0]
     if args.task == "squad":
         mean_window = round(first["train_tokens_per_s"] / first["train_windows_per_s"])
-        flops_per_token = sequence_flops(model_on_meta("minilm-l6", "span")).training([mean_window])[0] / mean_window
+        kind = "span"
+        flops_per_token = sequence_flops(model_on_meta("minilm-l6", kind)).training([mean_window])[0] / mean_window
         header = ["EM", "F1"] + (["HasAns F1", "NoAns F1", "best EM (threshold)", "best F1 (threshold)"] if v2 else [])
         settings = "MiniLM-L6-H384 (`minilm-l6`), 1 epoch of batch 16 at lr 3e-4"
-        warmup = auto_warmup_ratio("span")
     else:
-        flops_per_token = sequence_flops(model_on_meta("smollm2-135m", "causal-lm")).training([CLM_BLOCK])[0] / CLM_BLOCK
+        kind = "causal-lm"
+        flops_per_token = sequence_flops(model_on_meta("smollm2-135m", kind)).training([CLM_BLOCK])[0] / CLM_BLOCK
         header = ["validation perplexity"] + ([f"perplexity vs {reference}"] if reference else [])
         settings = (f"SmolLM2-135M-Instruct (`smollm2-135m`), {args.steps} optimizer steps of {CLM_BATCH} x {CLM_BLOCK} "
                     f"tokens at lr {CLM_LEARNING_RATE:.0e}")
-        warmup = auto_warmup_ratio("causal-lm")
+    warmup = auto_warmup_ratio(kind)
     peak = peak_flops(torch.device("cpu"), "fp32")[0]
     rows = []
     for name, r in runs.items():

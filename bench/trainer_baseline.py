@@ -8,8 +8,8 @@
 Its flags mean what train.py's mean, and it writes the keys of train.py's results.json that the
 benchmarks read. The same model, windows or blocks (built by our data code), batch, learning rate,
 warmup (train.py's `auto`: 20% of the steps for qa, 10% for clm; then linear decay), weight decay
-0.01, clipping 1.0, fused AdamW and seed as train.py; scored by the same code. qa: MiniLM (`minilm-l6`), the Trainer's collator and loss,
-the model's own attention dropout unless --attention-dropout is given (train.py's default is 0).
+0.01, clipping 1.0, fused AdamW and seed as train.py; scored by the same code. qa: MiniLM
+(`minilm-l6`), the Trainer's collator and loss, the model's own attention dropout unless --attention-dropout is given (train.py's default is 0).
 clm: SmolLM2-135M (`smollm2-135m`), the model's usual loss over the full logits (not train.py's
 chunked LM head). Needs `pip install accelerate` (the Trainer requires it).
 """
@@ -154,9 +154,10 @@ def main():
         collator, trainer_class = PadToLongest(pad_token_id), BlockTrainer
     batch_size = args.batch_size or {"qa": 16, "clm": 8}[args.task]
     steps = args.max_steps or math.ceil(len(train_set) / batch_size) * args.epochs
+    warmup_ratio = auto_warmup_ratio(MODEL_KINDS[args.task]) if args.warmup_ratio is None else args.warmup_ratio
     training_args = TrainingArguments(
         output_dir=str(args.output_dir), per_device_train_batch_size=batch_size, max_steps=steps,
-        learning_rate=args.learning_rate or 3e-4, warmup_steps=int((args.warmup_ratio or auto_warmup_ratio(MODEL_KINDS[args.task])) * steps), weight_decay=0.01, max_grad_norm=1.0,
+        learning_rate=args.learning_rate or 3e-4, warmup_steps=int(warmup_ratio * steps), weight_decay=0.01, max_grad_norm=1.0,
         optim="adamw_torch_fused", bf16=precision == "bf16", use_cpu=device.type == "cpu", seed=args.seed,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
